@@ -1,0 +1,27 @@
+# `make serve` and `make test` are the two commands of the README.
+# Both (re)build the virtual environment first when pyproject.toml changed.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: install serve test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	# facenet-pytorch pins torch<2.3 / numpy<2 but runs on today's: no deps.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps facenet-pytorch==2.6.0
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/ipdfer serve --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,44 @@
+"""`ipdfer export`: turn a training checkpoint (its EMA model) into weights/
+with a manifest. `--untrained` exports a seeded random model so the service's
+real code path runs before trained weights exist."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig, TrainConfig, from_dict
+from model.networks import IPDFER
+from model.weights import DEFAULT_WEIGHTS_DIR, save_weights
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="checkpoint .pt written by ipdfer train")
+    src.add_argument("--untrained", action="store_true", help="export a seeded, untrained model")
+    p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS_DIR, help="weights folder")
+    p.add_argument("--version", default="0.1.0")
+    p.add_argument("--metrics", type=Path, help="metrics.json from ipdfer evaluate to record")
+
+
+def run(args: argparse.Namespace) -> int:
+    extra: dict = {}
+    if args.untrained:
+        torch.manual_seed(0)
+        model, trained = IPDFER(ModelConfig()), False
+        extra["training"] = None
+    else:
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        cfg = from_dict(TrainConfig, ckpt["train_config"])
+        model = IPDFER(cfg.model)
+        model.load_state_dict(ckpt["ema"])  # the shipped model is the EMA copy
+        trained = True
+        extra["training"] = {"config": ckpt["train_config"], "step": ckpt["step"],
+                             "epoch": ckpt["epoch"], "data": ckpt.get("data")}
+    if args.metrics:
+        extra["metrics"] = json.loads(args.metrics.read_text())
+    manifest = save_weights(model.eval(), args.out, version=args.version, trained=trained, extra=extra)
+    print(json.dumps({k: manifest[k] for k in ("file", "sha256", "size_bytes", "trained")}))
+    return 0

@@ -1,0 +1,417 @@
+"""The one face pipeline: decode -> detect (MTCNN) -> 5-point similarity alignment.
+
+Data preparation, training, evaluation and serving all go through this module, so
+a face seen in training and a face seen in production are cut the same way.
+
+    image = load_image(upload_bytes)              # RGB uint8 (H, W, 3), typed errors
+    faces = FacePipeline().process([image])[0]    # list[Face], [] = no face
+    x = to_model_input([f.aligned for f in faces])  # (N, 1, S, S) float in [-1, 1]
+
+Coordinates are pixels of the image as loaded (after EXIF orientation), x right,
+y down, pixel centres at integer positions (OpenCV's convention).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "ImageError", "ImageDecodeError", "ImageTooLargeError", "UnsupportedImageType",
+    "load_image", "image_format", "SUPPORTED_FORMATS",
+    "Detection", "FaceDetector",
+    "CANONICAL_LANDMARKS", "DLIB_CHIP_LANDMARKS", "similarity_transform",
+    "align_face", "center_crop_face", "center_landmarks", "dlib_chip",
+    "to_model_input", "to_uint8", "Face", "FacePipeline",
+]
+
+# ---------------------------------------------------------------------------
+# 1. Decoding untrusted bytes
+# ---------------------------------------------------------------------------
+
+# Pillow format names we accept. MPO is what Pillow calls many phone JPEGs.
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
+MAX_BYTES = 32 * 1024 * 1024
+MAX_PIXELS = 40_000_000
+
+
+
+class ImageError(ValueError):
+    """The input is not a usable image. Messages are safe to show to users."""
+
+
+class ImageDecodeError(ImageError):
+    """Empty, truncated, corrupt or not an image at all (HTTP 400)."""
+
+
+class ImageTooLargeError(ImageError):
+    """Over the byte or pixel limit (HTTP 413)."""
+
+
+class UnsupportedImageType(ImageError):
+    """A real image, but not JPEG/PNG/WebP/BMP/TIFF (HTTP 415)."""
+
+
+def _read_bytes(data: bytes | str | Path, max_bytes: int) -> bytes:
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise ImageDecodeError(f"cannot read image file {path.name!r}: {e.strerror}") from e
+        if size > max_bytes:
+            raise ImageTooLargeError(f"image file is {size:,} bytes; the limit is {max_bytes:,}")
+        data = path.read_bytes()
+    elif not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected bytes or a path, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"image is {len(data):,} bytes; the limit is {max_bytes:,}")
+    if not data:
+        raise ImageDecodeError("the image is empty (0 bytes)")
+    return data
+
+
+def _open(data: bytes) -> Image.Image:
+    """Parse the header only: format and declared size, no pixel decoding yet."""
+    try:
+        with warnings.catch_warnings():
+            # We enforce our own, lower pixel limit right after opening.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"image dimensions are too large: {e}") from e
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError("the data is not a recognised image") from e
+    except Exception as e:  # Pillow plugins raise many types on malformed headers
+        raise ImageDecodeError(f"the image header is corrupt: {e}") from e
+
+
+def image_format(data: bytes | str | Path) -> str | None:
+    """Pillow's format name ("JPEG", "PNG", "GIF", ...) from the header, or None."""
+    try:
+        with _open(_read_bytes(data, MAX_BYTES)) as im:
+            return im.format
+    except ImageError:
+        return None
+
+
+def load_image(data: bytes | str | Path, max_pixels: int = MAX_PIXELS,
+               max_bytes: int = MAX_BYTES) -> np.ndarray:
+    """Decode JPEG/PNG/WebP/BMP/TIFF bytes (or a file) to RGB uint8 (H, W, 3), upright.
+
+    The declared size is checked before any pixel is decoded (decompression bombs),
+    EXIF orientation is applied, and every mode ends up as 8-bit RGB: alpha is
+    composited on white, 16-bit is scaled by 1/257. Raises an `ImageError` subclass.
+    """
+    im = _open(_read_bytes(data, max_bytes))
+    with im:
+        if im.format not in SUPPORTED_FORMATS:
+            raise UnsupportedImageType(
+                f"unsupported image type {im.format or 'unknown'}; "
+                "send JPEG, PNG, WebP, BMP or TIFF")
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageTooLargeError(
+                f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}")
+        try:
+            im.load()  # raises on truncated data while LOAD_TRUNCATED_IMAGES is False
+            upright = ImageOps.exif_transpose(im)
+            return _to_rgb(upright)
+        except MemoryError:
+            raise
+        except Exception as e:  # truncated / corrupt pixel data, whatever the codec says
+            raise ImageDecodeError(f"the image data is truncated or corrupt: {e}") from e
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey: 65535 -> 255 (scale, never clip the top 99% of the range away).
+        grey = np.asarray(im, dtype=np.float64) / 257.0
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    if im.mode != "RGB":
+        im = im.convert("RGB")  # L, 1, CMYK, YCbCr, F, ...
+    return np.array(im, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------
+# 2. Detection (MTCNN)
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Detection:
+    """One face. `landmarks` rows: left eye, right eye, nose, left and right mouth
+    corner, "left" meaning the image's left (the person's right), as MTCNN gives them."""
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2
+    landmarks: np.ndarray                   # (5, 2) float64, (x, y)
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"box": [float(v) for v in self.box],
+                "landmarks": np.asarray(self.landmarks, dtype=float).tolist(),
+                "score": float(self.score)}
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype}")
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB or (H, W) grey image, got {image.shape}")
+    return image
+
+
+class FaceDetector:
+    """MTCNN (facenet-pytorch, weights inside the package) behind a batched API.
+
+    Cost grows with pixels / min_face_size**2, so both are bounded: images are
+    shrunk to `max_side` for detection, and small crops (FER2013's 48x48) are
+    enlarged `upscale_factor` times first, because MTCNN rarely fires on them as is.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 20,
+                 min_score: float = 0.9, max_side: int = 1280,
+                 upscale_small: bool = True, small_side: int = 96,
+                 upscale_factor: float = 3.0, batch_size: int = 16) -> None:
+        from facenet_pytorch import MTCNN  # heavy import, only when detecting
+
+        self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=min_face_size)
+        self.min_face_size = min_face_size
+        self.min_score = min_score
+        self.max_side = max_side
+        self.upscale_small = upscale_small
+        self.small_side = small_side
+        self.upscale_factor = upscale_factor
+        self.batch_size = batch_size
+
+    def _detection_scale(self, h: int, w: int) -> float:
+        if self.upscale_small and min(h, w) < self.small_side:
+            return self.upscale_factor
+        return min(1.0, self.max_side / max(h, w))
+
+    def detect(self, images: list[np.ndarray]) -> list[list[Detection]]:
+        """Faces per image, best score first; [] when there is none."""
+        results: list[list[Detection]] = [[] for _ in images]
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        resized: dict[int, np.ndarray] = {}
+        scales: dict[int, tuple[float, float]] = {}
+        for i, image in enumerate(images):
+            image = _as_rgb(image)
+            h, w = image.shape[:2]
+            s = self._detection_scale(h, w)
+            dw, dh = max(1, round(w * s)), max(1, round(h * s))
+            # MTCNN's image pyramid is empty below min_face_size and it crashes.
+            if min(dw, dh) < self.min_face_size:
+                continue
+            if (dw, dh) != (w, h):
+                interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+                image = cv2.resize(image, (dw, dh), interpolation=interp)
+            resized[i], scales[i] = image, (dw / w, dh / h)
+            groups[image.shape].append(i)  # MTCNN batches same-size images only
+
+        for idx in groups.values():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start:start + self.batch_size]
+                batch = np.stack([resized[i] for i in chunk])
+                boxes, probs, points = self.mtcnn.detect(batch, landmarks=True)
+                for i, b, p, pts in zip(chunk, boxes, probs, points):
+                    if b is not None:
+                        results[i] = self._detections(b, p, pts, *scales[i])
+        return results
+
+    def _detections(self, boxes: np.ndarray, probs: np.ndarray, points: np.ndarray,
+                    sx: float, sy: float) -> list[Detection]:
+        # Back to original pixels: x_orig = (x_det + 0.5) / s - 0.5 (pixel centres).
+        scale = np.array([sx, sy])
+        out = []
+        for box, prob, pts in zip(boxes, probs, points):
+            if prob < self.min_score:
+                continue
+            box = (np.asarray(box, float).reshape(2, 2) + 0.5) / scale - 0.5
+            pts = (np.asarray(pts, float) + 0.5) / scale - 0.5
+            out.append(Detection(tuple(box.ravel().tolist()), pts, float(prob)))
+        return sorted(out, key=lambda d: -d.score)
+
+
+# ---------------------------------------------------------------------------
+# 3. Alignment
+# ---------------------------------------------------------------------------
+
+# ArcFace's 112x112 five-point template (insightface), in the unit square: where
+# left eye, right eye, nose, left and right mouth corner land in an aligned face.
+CANONICAL_LANDMARKS = np.array([
+    [38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+    [41.5493, 92.3655], [70.7299, 92.2041]]) / 112.0
+
+# Where the MTCNN points sit in dlib's get_face_chip (unit square before padding),
+# from dlib's 68-point mean face (interpolation.h, get_face_chip_details): eyes =
+# mean of points 36-41 / 42-47, nose = 30, mouth corners = 48 / 54.
+DLIB_CHIP_LANDMARKS = np.array([
+    [0.225492, 0.215990], [0.754761, 0.215990], [0.490127, 0.515625],
+    [0.254149, 0.780233], [0.726104, 0.780233]])
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """2x3 matrix M (rotation, uniform scale, translation; no reflection) minimising
+    sum |M [src; 1] - dst|^2 (Umeyama 1991)."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s0, d0 = src - mu_s, dst - mu_d
+    u, sig, vt = np.linalg.svd(d0.T @ s0 / len(src))
+    d = np.array([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt)) or 1.0])
+    rot = u @ np.diag(d) @ vt
+    scale = (sig * d).sum() / (s0 ** 2).sum(1).mean()
+    t = mu_d - scale * rot @ mu_s
+    return np.hstack([scale * rot, t[:, None]])
+
+
+def _warp(image: np.ndarray, m: np.ndarray, size: int, border: int) -> np.ndarray:
+    """cv2.warpAffine with area-averaging quality when M shrinks a lot.
+
+    Bilinear sampling at scale < 0.5 skips pixels (aliasing), so the source
+    region is first cropped and shrunk with INTER_AREA to ~the output scale.
+    """
+    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
+    if scale < 0.5:
+        corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64)
+        inv = cv2.invertAffineTransform(m)
+        src = corners @ inv[:, :2].T + inv[:, 2]
+        h, w = image.shape[:2]
+        x0, y0 = np.clip(np.floor(src.min(0)).astype(int) - 2, 0, [w, h])
+        x1, y1 = np.clip(np.ceil(src.max(0)).astype(int) + 3, 0, [w, h])
+        if x1 - x0 >= 2 and y1 - y0 >= 2:
+            cw, ch = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
+            small = cv2.resize(image[y0:y1, x0:x1], (cw, ch), interpolation=cv2.INTER_AREA)
+            fx, fy = cw / (x1 - x0), ch / (y1 - y0)
+            # source pixel of a `small` pixel r: (r + 0.5) / f - 0.5 + offset
+            a = np.array([[1 / fx, 0, 0.5 / fx - 0.5 + x0],
+                          [0, 1 / fy, 0.5 / fy - 0.5 + y0],
+                          [0, 0, 1]])
+            image, m = small, m @ a
+    return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=border)
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+def align_face(image_rgb: np.ndarray, landmarks: np.ndarray, size: int = 64) -> np.ndarray:
+    """Grey uint8 (size, size) face with the 5 points moved onto CANONICAL_LANDMARKS."""
+    m = similarity_transform(landmarks, CANONICAL_LANDMARKS * size)
+    return _grey(_warp(np.asarray(image_rgb), m, size, cv2.BORDER_REPLICATE))
+
+
+def center_landmarks(shape: tuple[int, ...], margin: float = 0.0) -> np.ndarray:
+    """Pseudo-landmarks: the canonical template laid over the image's central square,
+    shrunk by `margin` (a fraction of the side) on every side (negative pads).
+
+    The fallback for pre-cropped faces (FER2013, CK+) where detection fails, and
+    the geometry assumed for input sent as already aligned.
+    """
+    h, w = shape[:2]
+    side = min(h, w) * (1 - 2 * margin)
+    origin = np.array([(w - side) / 2, (h - side) / 2]) - 0.5  # pixel edges -> centres
+    return CANONICAL_LANDMARKS * side + origin
+
+
+def center_crop_face(image_rgb: np.ndarray, size: int = 64, margin: float = 0.0) -> np.ndarray:
+    """The central square (see `center_landmarks`) as a grey uint8 (size, size) face."""
+    return align_face(image_rgb, center_landmarks(np.shape(image_rgb), margin), size)
+
+
+def dlib_chip(image_rgb: np.ndarray, landmarks: np.ndarray, size: int = 150,
+              padding: float = 0.25) -> np.ndarray:
+    """RGB uint8 (size, size, 3) chip for dlib's face-recognition ResNet, cut like
+    dlib's get_face_chip(size, padding) but from the MTCNN 5 points."""
+    dst = (padding + DLIB_CHIP_LANDMARKS) / (2 * padding + 1) * size
+    m = similarity_transform(landmarks, dst)
+    return _warp(_as_rgb(image_rgb), m, size, cv2.BORDER_CONSTANT)  # dlib pads black
+
+
+def to_model_input(aligned: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+    """uint8 (N, S, S) (or a list of (S, S)) -> float32 (N, 1, S, S) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(list(aligned)) if isinstance(aligned, list)
+                                              else np.asarray(aligned)))
+    if x.dtype != torch.uint8 or x.ndim != 3:
+        raise ValueError(f"expected uint8 (N, S, S), got {x.dtype} {tuple(x.shape)}")
+    return x.unsqueeze(1).float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Inverse of `to_model_input`: (N, 1, S, S) in [-1, 1] -> uint8 (N, S, S)."""
+    return ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255) \
+        .to(torch.uint8).squeeze(1).numpy()
+
+
+# ---------------------------------------------------------------------------
+# 4. The pipeline
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Face:
+    detection: Detection | None  # None: input given as aligned, or the fallback crop
+    aligned: np.ndarray          # (size, size) uint8 grey, model input
+    chip: np.ndarray             # (150, 150, 3) uint8 RGB, identity-encoder input
+    fallback: bool = False       # True: no face detected, the centre crop was used
+
+
+class FacePipeline:
+    """detect -> align, for batches of RGB images.
+
+    fallback_to_center: when nothing is detected, return one centre-cropped Face
+    (`fallback=True`) instead of none. Data preparation of pre-cropped datasets
+    wants this; serving does not (no face is an answer there).
+    """
+
+    def __init__(self, detector: FaceDetector | None = None, size: int = 64,
+                 device: str | torch.device = "cpu", fallback_to_center: bool = False,
+                 center_margin: float = 0.0, chip_size: int = 150,
+                 chip_padding: float = 0.25) -> None:
+        self.detector = detector if detector is not None else FaceDetector(device=device)
+        self.size = size
+        self.fallback_to_center = fallback_to_center
+        self.center_margin = center_margin
+        self.chip_size = chip_size
+        self.chip_padding = chip_padding
+
+    def _face(self, image: np.ndarray, landmarks: np.ndarray,
+              detection: Detection | None, fallback: bool) -> Face:
+        return Face(detection=detection,
+                    aligned=align_face(image, landmarks, self.size),
+                    chip=dlib_chip(image, landmarks, self.chip_size, self.chip_padding),
+                    fallback=fallback)
+
+    def process(self, images: list[np.ndarray], aligned: bool = False,
+                max_faces: int | None = None) -> list[list[Face]]:
+        """One list of Faces per image, best detection first.
+
+        aligned=True: each image already is a face in the canonical geometry
+        (e.g. the output of `align_face`, any size): nothing is detected.
+        """
+        images = [_as_rgb(im) for im in images]
+        if aligned:
+            return [[self._face(im, center_landmarks(im.shape), None, False)] for im in images]
+        out = []
+        for image, dets in zip(images, self.detector.detect(images)):
+            faces = [self._face(image, d.landmarks, d, False) for d in dets[:max_faces]]
+            if not faces and self.fallback_to_center:
+                landmarks = center_landmarks(image.shape, self.center_margin)
+                faces = [self._face(image, landmarks, None, True)]
+            out.append(faces)
+        return out

@@ -1,0 +1,214 @@
+"""Batched inference over the exported weights: detection + alignment (the shared
+face pipeline), expression and pose encoders, and on request the identity
+encoder + decoder for neutral renders. The service and `ipdfer predict` use this
+module only; it knows nothing about HTTP or Redis."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from model import face as facelib
+from model.labels import EXPRESSIONS
+from model.weights import DEFAULT_WEIGHTS_DIR, LoadedWeights, load_weights
+
+
+@dataclass
+class FaceState:
+    """What a later neutral/residue render needs: the aligned face and the
+    150×150 identity chip (grayscale, the model sees no colour). Serialised as
+    a small header + zlib'd raw bytes: never pickle anything that goes to Redis."""
+    aligned: np.ndarray   # (S,S) uint8
+    chip: np.ndarray      # (150,150) uint8
+
+    MAGIC = b"IPDF1"
+
+    def to_bytes(self) -> bytes:
+        s, c = self.aligned.shape[0], self.chip.shape[0]
+        raw = np.ascontiguousarray(self.aligned).tobytes() + np.ascontiguousarray(self.chip).tobytes()
+        return self.MAGIC + struct.pack("<HH", s, c) + zlib.compress(raw, 6)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> FaceState:
+        if not data.startswith(cls.MAGIC):
+            raise ValueError("not a FaceState")
+        s, c = struct.unpack_from("<HH", data, len(cls.MAGIC))
+        raw = zlib.decompress(data[len(cls.MAGIC) + 4:])
+        if len(raw) != s * s + c * c:
+            raise ValueError("corrupt FaceState")
+        aligned = np.frombuffer(raw[:s * s], np.uint8).reshape(s, s)
+        chip = np.frombuffer(raw[s * s:], np.uint8).reshape(c, c)
+        return cls(aligned=aligned, chip=chip)
+
+
+@dataclass
+class FacePrediction:
+    box: list[float] | None
+    landmarks: list[list[float]] | None
+    score: float | None
+    probabilities: dict[str, float]
+    label: str
+    confidence: float
+    pose: dict[str, float]
+    state: FaceState
+    neutral_png: bytes | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict without the state and raw PNG bytes."""
+        return {"box": self.box, "landmarks": self.landmarks, "score": self.score,
+                "expression": {"label": self.label, "confidence": self.confidence,
+                               "probabilities": self.probabilities},
+                "pose": self.pose}
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def residue_heatmap(face: np.ndarray, residue: np.ndarray) -> np.ndarray:
+    """Blend |residue| as a JET heatmap over the grayscale face -> RGB uint8."""
+    magnitude = np.abs(residue)
+    magnitude = (255 * magnitude / max(float(magnitude.max()), 1e-6)).astype(np.uint8)
+    heat = cv2.cvtColor(cv2.applyColorMap(magnitude, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    base = cv2.cvtColor(face, cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(base, 0.5, heat, 0.5, 0)
+
+
+class Analyzer:
+    """Load once, call `analyze` on batches. Thread-compatible, not thread-safe:
+    one batching loop owns an Analyzer."""
+
+    def __init__(self, weights: LoadedWeights, device: str | None = None,
+                 pipeline: facelib.FacePipeline | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.weights = weights
+        self.model = weights.model.to(self.device).eval()
+        self.image_size = weights.config.image_size
+        self.pipeline = pipeline or facelib.FacePipeline(size=self.image_size, device=str(self.device))
+        self._identity = None   # the dlib port loads on the first neutral request
+        # Half precision on CUDA; CPU stays fp32 (fp16 is slower there).
+        self._autocast = (torch.autocast("cuda", dtype=torch.float16)
+                          if self.device.type == "cuda" else nullcontext())
+
+    @classmethod
+    def load(cls, weights_dir: Path | str | None = None, device: str | None = None) -> Analyzer:
+        return cls(load_weights(Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR), device)
+
+    @property
+    def info(self) -> dict:
+        m = self.weights.manifest
+        return {"name": m["name"], "version": m["version"], "sha256": m["sha256"],
+                "device": str(self.device), "image_size": self.image_size,
+                "trained": bool(m.get("trained", False))}
+
+    @property
+    def identity(self) -> torch.nn.Module:
+        if self._identity is None:
+            from model.identity import load_identity_encoder
+            self._identity = load_identity_encoder(device=str(self.device))
+        return self._identity
+
+    def warmup(self, neutral: bool = True) -> None:
+        """Run every network once so the first real request is not slow."""
+        blank = np.full((self.image_size, self.image_size, 3), 128, np.uint8)
+        self.analyze([blank], aligned=[True], max_faces=[1], neutral=[neutral])
+
+    # -- batched building blocks -------------------------------------------
+    @torch.inference_mode()
+    def _encode(self, aligned: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        x = facelib.to_model_input(np.stack(aligned)).to(self.device)
+        with self._autocast:
+            out = self.model.encode(x)
+        return {k: v.float() for k, v in out.items()}
+
+    @torch.inference_mode()
+    def _identity_codes(self, chips: list[np.ndarray]) -> torch.Tensor:
+        x = torch.from_numpy(np.stack(chips)).float().to(self.device)
+        return self.identity(x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous())
+
+    @torch.inference_mode()
+    def _render(self, states: list[FaceState], enc: dict[str, torch.Tensor] | None = None,
+                residue: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        enc = enc or self._encode([s.aligned for s in states])
+        identity = self._identity_codes([s.chip for s in states])
+        neutral = self.model.render(identity, enc["pose_feat"])
+        diff = self.model.render(identity, enc["pose_feat"], enc["exp"]) - neutral if residue else None
+        to_u8 = lambda t: facelib.to_uint8(t.float().cpu())  # noqa: E731
+        return to_u8(neutral), (diff.float().squeeze(1).cpu().numpy() if diff is not None else None)
+
+    # -- public API -------------------------------------------------------------
+    def analyze(self, images: list[np.ndarray], aligned: list[bool], max_faces: list[int | None],
+                neutral: list[bool]) -> list[list[FacePrediction] | Exception]:
+        """One result slot per image: its faces, or the Exception that image
+        raised. A failing image never fails its neighbours."""
+        n = len(images)
+        assert len(aligned) == len(max_faces) == len(neutral) == n
+        faces: list[list[facelib.Face] | Exception] = [[] for _ in range(n)]
+        for flag in (False, True):  # detection runs batched over the non-aligned images
+            idx = [i for i in range(n) if aligned[i] == flag]
+            if idx:
+                for i, result in zip(idx, self._process([images[i] for i in idx], flag,
+                                                        [max_faces[i] for i in idx])):
+                    faces[i] = result
+        flat = [(i, f) for i, fs in enumerate(faces) if not isinstance(fs, Exception) for f in fs]
+        results: list[list[FacePrediction] | Exception] = [
+            fs if isinstance(fs, Exception) else [] for fs in faces]
+        if not flat:
+            return results
+        enc = self._encode([f.aligned for _, f in flat])
+        probs = torch.softmax(enc["logits"], dim=1).cpu().numpy()
+        poses = enc["pose"].cpu().numpy()
+        states = [FaceState(f.aligned, cv2.cvtColor(f.chip, cv2.COLOR_RGB2GRAY)) for _, f in flat]
+        want = [k for k, (i, _) in enumerate(flat) if neutral[i]]
+        renders = {}
+        if want:
+            sub = {key: v[want] for key, v in enc.items()}
+            rendered, _ = self._render([states[k] for k in want], sub)
+            renders = {k: png_bytes(img) for k, img in zip(want, rendered)}
+        for k, (i, f) in enumerate(flat):
+            det = f.detection
+            top = int(probs[k].argmax())
+            results[i].append(FacePrediction(
+                box=[round(float(v), 2) for v in det.box] if det else None,
+                landmarks=[[round(float(a), 2), round(float(b), 2)] for a, b in det.landmarks] if det else None,
+                score=round(float(det.score), 4) if det else None,
+                probabilities={c: round(float(p), 5) for c, p in zip(EXPRESSIONS, probs[k])},
+                label=EXPRESSIONS[top], confidence=round(float(probs[k, top]), 5),
+                pose={a: round(float(v), 2) for a, v in zip(("yaw", "pitch", "roll"), poses[k])},
+                state=states[k], neutral_png=renders.get(k)))
+        return results
+
+    def _process(self, images: list[np.ndarray], aligned: bool, max_faces: list[int | None]
+                 ) -> list[list[facelib.Face] | Exception]:
+        try:
+            batch = self.pipeline.process(images, aligned=aligned)
+        except Exception:  # isolate the failing image by retrying one at a time
+            batch = []
+            for img in images:
+                try:
+                    batch.append(self.pipeline.process([img], aligned=aligned)[0])
+                except Exception as exc:  # noqa: BLE001 - returned to that image's caller
+                    batch.append(exc)
+        return [fs if isinstance(fs, Exception) or m is None else fs[:m]
+                for fs, m in zip(batch, max_faces)]
+
+    def render(self, states: list[FaceState], kind: str = "neutral") -> list[bytes]:
+        """PNG per state: the neutral render, or the residue heatmap."""
+        if kind not in ("neutral", "residue"):
+            raise ValueError(f"unknown render kind {kind!r}: use 'neutral' or 'residue'")
+        if not states:
+            return []
+        neutral, diff = self._render(states, residue=kind == "residue")
+        if kind == "neutral":
+            return [png_bytes(img) for img in neutral]
+        return [png_bytes(residue_heatmap(s.aligned, d)) for s, d in zip(states, diff)]

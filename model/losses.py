@@ -1,0 +1,133 @@
+"""IPD-FER objectives as nn.Modules. `GeneratorObjective` computes every term
+that trains the encoders, heads and decoder; the discriminator has its own
+hinge loss. Terms and weights: model.config.LossWeights, DESIGN.md."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from model import face as facelib
+from model.config import LossWeights
+from model.labels import NEUTRAL
+from model.networks import IPDFER
+
+
+def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+
+
+def hinge_g_loss(fake: torch.Tensor) -> torch.Tensor:
+    return -fake.mean()
+
+
+class IdentityLoss(nn.Module):
+    """||E_id(chip(render)) - E_id(chip(real))||^2 with the frozen dlib port.
+
+    The aligned S×S crop and dlib's 150×150 chip are both fixed similarity
+    frames of the same 5 points, so a fixed affine grid turns one into the
+    other differentiably (the chip's wider margin is filled by the border)."""
+
+    def __init__(self, identity_encoder: nn.Module, image_size: int, chip_size: int = 150,
+                 padding: float = 0.25):
+        super().__init__()
+        self.encoder = identity_encoder
+        src = facelib.CANONICAL_LANDMARKS * image_size
+        dst = (padding + facelib.DLIB_CHIP_LANDMARKS) / (2 * padding + 1) * chip_size
+        m = np.vstack([facelib.similarity_transform(dst, src), [0, 0, 1]])  # chip px -> crop px
+        # grid_sample works in [-1, 1] (align_corners=False): px = ((n + 1) * size - 1) / 2
+        to_px = lambda size: np.array([[size / 2, 0, size / 2 - 0.5], [0, size / 2, size / 2 - 0.5], [0, 0, 1]])  # noqa: E731
+        theta = np.linalg.inv(to_px(image_size)) @ m @ to_px(chip_size)
+        self.register_buffer("theta", torch.tensor(theta[:2], dtype=torch.float32))
+        self.chip_size = chip_size
+
+    def chips(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,1,S,S) in [-1,1] -> (N,3,150,150) in 0..255, dlib's input."""
+        grid = F.affine_grid(self.theta.expand(x.shape[0], 2, 3), [x.shape[0], 1, self.chip_size, self.chip_size],
+                             align_corners=False)
+        chip = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return ((chip + 1) * 127.5).expand(-1, 3, -1, -1)
+
+    def forward(self, render: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.encoder(self.chips(real))
+        return (self.encoder(self.chips(render)) - target).pow(2).sum(1).mean()
+
+
+class GeneratorObjective(nn.Module):
+    """All terms that train IPDFER (encoders, heads, decoder, residue head).
+
+    batch: image (N,1,S,S) in [-1,1], label (N,) with -1 = unlabeled, pose (N,3)
+    degrees, identity (N,128) = E_id of the real face (precomputed)."""
+
+    def __init__(self, weights: LossWeights, identity_loss: IdentityLoss | None = None):
+        super().__init__()
+        self.w = weights
+        self.identity_loss = identity_loss
+
+    def forward(self, model: IPDFER, batch: dict[str, torch.Tensor], *, discriminator: nn.Module | None,
+                use_identity: bool, ablation: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        w, x, y = self.w, batch["image"], batch["label"]
+        labeled, neutral = y >= 0, y == NEUTRAL
+        zero = x.new_zeros(())
+        terms: dict[str, torch.Tensor] = {}
+
+        # 1. expression and pose from the real face
+        enc = model.encode(x)
+        terms["expression"] = (F.cross_entropy(enc["logits"][labeled], y[labeled],
+                                               label_smoothing=w.label_smoothing)
+                               if labeled.any() else zero)
+        terms["pose"] = F.smooth_l1_loss(enc["pose"] / model.POSE_SCALE, batch["pose"] / model.POSE_SCALE)
+        if ablation:
+            return self._total(terms)
+
+        # 2. render: reconstruction G(id,pose,exp), neutral G(id,pose), residue = difference
+        recon, render, residue = model.residue(batch["identity"], enc["pose_feat"], enc["exp"])
+        terms["reconstruction"] = F.l1_loss(recon, x)
+        terms["neutral_self"] = F.l1_loss(render[neutral], x[neutral]) if neutral.any() else zero
+
+        # 3. the residue carries the expression and nothing else
+        expressive = labeled & ~neutral
+        res_logits = model.residue_head(residue)
+        terms["residue_class"] = F.cross_entropy(res_logits[expressive], y[expressive]) if expressive.any() else zero
+        terms["residue_zero"] = residue[neutral].abs().mean() if neutral.any() else zero
+
+        # 4. the render must read as neutral to the expression classifier. Its
+        #    parameters are detached: this term trains G, not the classifier.
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        logits = _classify_frozen(model, params, dict(model.named_buffers()), render)
+        terms["neutral_class"] = F.cross_entropy(logits, torch.full_like(y, NEUTRAL))
+
+        # 5. same person: identity of the render (every few steps, on a subset: dlib is costly)
+        if use_identity and self.identity_loss is not None:
+            k = min(8, x.shape[0])
+            terms["neutral_identity"] = self.identity_loss(render[:k], x[:k])
+
+        # 6. adversarial (D's parameters are frozen by the caller in this phase)
+        if discriminator is not None:
+            terms["adversarial"] = hinge_g_loss(discriminator(torch.cat([render, recon])))
+        out = self._total(terms)
+        self.last_renders = (recon.detach(), render.detach())
+        return out
+
+    def _total(self, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        total = sum(getattr(self.w, k) * v for k, v in terms.items())
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _classify_frozen(model: IPDFER, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+    """exp_head(exp_encoder(x)) with detached parameters and BN in eval mode
+    (a batch of renders must not shift the running statistics)."""
+    was_training = model.training
+    model.exp_encoder.eval(), model.exp_head.eval()
+    try:
+        feats = functional_call(model.exp_encoder, _sub(params, buffers, "exp_encoder."), (x,))
+        return functional_call(model.exp_head, _sub(params, buffers, "exp_head."), (feats,))
+    finally:
+        model.exp_encoder.train(was_training), model.exp_head.train(was_training)
+
+
+def _sub(params: dict, buffers: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for d in (params, buffers) for k, v in d.items() if k.startswith(prefix)}

@@ -1,0 +1,148 @@
+"""IPD-FER networks: expression and pose encoders, the decoder G that renders a
+person's face from (identity, pose[, expression]), the residue classifier and
+the discriminator. The identity encoder is the frozen dlib port in
+model/identity.py and is not part of these state_dicts."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+
+
+def assert_shape(x: torch.Tensor, shape: tuple) -> None:
+    """Check a tensor's shape at a module boundary; None matches any size."""
+    assert x.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape)), \
+        f"expected shape {shape}, got {tuple(x.shape)}"
+
+
+class ResBlock(nn.Module):
+    """Pre-activation-free basic block (conv-BN-ReLU-conv-BN + shortcut)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ConvEncoder(nn.Module):
+    """Grayscale face (N,1,S,S) -> feature vector (N,out_dim). Each stage halves
+    the resolution, so S=64 ends at 4×4 with four stages."""
+
+    def __init__(self, widths: tuple[int, ...], blocks: int, out_dim: int, in_ch: int = 1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        stages, cin = [], widths[0]
+        for w in widths:
+            stages += [ResBlock(cin, w, stride=2)] + [ResBlock(w, w) for _ in range(blocks - 1)]
+            cin = w
+        self.stages = nn.Sequential(*stages)
+        self.proj = nn.Sequential(nn.Linear(cin, out_dim), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stages(self.stem(x))                # (N, C, S/16, S/16)
+        return self.proj(h.mean(dim=(2, 3)))         # global average pool -> (N, out_dim)
+
+
+class Decoder(nn.Module):
+    """G(id, pose, exp): code vector -> (N,1,S,S) in [-1,1]. A missing
+    expression code (neutral render) is a zero vector; the code is also fed to
+    every stage (FiLM) so identity and pose reach the fine layers."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.exp_dim = cfg.exp_dim
+        code = cfg.id_dim + cfg.pose_dim + cfg.exp_dim
+        w = cfg.dec_widths
+        self.base = 4
+        n_up = (cfg.image_size // self.base).bit_length() - 1
+        assert self.base * 2 ** n_up == cfg.image_size and len(w) >= n_up + 1, \
+            "image_size must be 4·2^k and dec_widths long enough"
+        self.fc = nn.Linear(code, w[0] * self.base * self.base)
+        self.ups = nn.ModuleList()
+        self.films = nn.ModuleList()
+        for i in range(n_up):
+            self.ups.append(nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(w[i], w[i + 1], 3, 1, 1, bias=False), nn.BatchNorm2d(w[i + 1])))
+            self.films.append(nn.Linear(code, 2 * w[i + 1]))
+        self.out = nn.Conv2d(w[n_up], 1, 3, 1, 1)
+
+    def forward(self, identity: torch.Tensor, pose: torch.Tensor,
+                expression: torch.Tensor | None = None) -> torch.Tensor:
+        if expression is None:
+            expression = identity.new_zeros(identity.shape[0], self.exp_dim)
+        z = torch.cat([identity, pose, expression], dim=1)
+        h = F.relu(self.fc(z)).view(z.shape[0], -1, self.base, self.base)
+        for up, film in zip(self.ups, self.films):
+            scale, shift = film(z).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+            h = F.relu(up(h) * (1 + scale) + shift)
+        return torch.tanh(self.out(h))
+
+
+class Discriminator(nn.Module):
+    """Real vs rendered faces; spectral norm keeps the hinge GAN stable."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        layers, cin = [], 1
+        for w in cfg.disc_widths:
+            layers += [nn.utils.parametrizations.spectral_norm(nn.Conv2d(cin, w, 4, 2, 1)),
+                       nn.LeakyReLU(0.2, inplace=True)]
+            cin = w
+        self.body = nn.Sequential(*layers)
+        self.head = nn.utils.parametrizations.spectral_norm(nn.Linear(cin, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(dim=(2, 3))).squeeze(1)
+
+
+class IPDFER(nn.Module):
+    """Everything trained except the discriminator. Inference needs only
+    `encode` (expression + pose); `render` runs when a neutral face is asked."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.exp_encoder = ConvEncoder(cfg.exp_widths, cfg.exp_blocks, cfg.exp_dim)
+        self.exp_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.exp_dim, cfg.num_classes))
+        self.pose_encoder = ConvEncoder(cfg.pose_widths, cfg.pose_blocks, cfg.pose_dim)
+        self.pose_head = nn.Linear(cfg.pose_dim, 3)   # yaw, pitch, roll in units of 45°
+        self.decoder = Decoder(cfg)
+        # Classifies the residue G(id,pose,exp) - G(id,pose): expression and nothing else.
+        self.residue_head = nn.Sequential(
+            ConvEncoder(cfg.residue_widths, 1, cfg.residue_widths[-1]),
+            nn.Linear(cfg.residue_widths[-1], cfg.num_classes))
+
+    POSE_SCALE = 45.0
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: (N,1,S,S) in [-1,1] -> logits (N,7), pose in degrees (N,3), features."""
+        s = self.cfg.image_size
+        assert_shape(x, (None, 1, s, s))
+        exp = self.exp_encoder(x)
+        pose_feat = self.pose_encoder(x)
+        return {"logits": self.exp_head(exp), "pose": self.pose_head(pose_feat) * self.POSE_SCALE,
+                "exp": exp, "pose_feat": pose_feat}
+
+    def render(self, identity: torch.Tensor, pose_feat: torch.Tensor,
+               exp: torch.Tensor | None = None) -> torch.Tensor:
+        assert_shape(identity, (None, self.cfg.id_dim))
+        return self.decoder(identity, pose_feat, exp)
+
+    def residue(self, identity: torch.Tensor, pose_feat: torch.Tensor, exp: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction, neutral render, residue = reconstruction - neutral)."""
+        recon = self.render(identity, pose_feat, exp)
+        neutral = self.render(identity, pose_feat)
+        return recon, neutral, recon - neutral

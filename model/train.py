@@ -1,0 +1,273 @@
+"""`ipdfer train [CONFIG.json]`: IPD-FER training on CPU or CUDA, multi-GPU via
+`torchrun --nproc_per_node N -m service.cli train ...`.
+
+Each step has two phases (StyleGAN-style): G (encoders, heads, decoder, residue
+head) then D (discriminator). Checkpoints every `checkpoint_every` steps hold
+everything needed to resume mid-epoch; re-running the same command resumes."""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from model.config import TrainConfig, load_train_config, to_dict
+from model.losses import GeneratorObjective, IdentityLoss, hinge_d_loss
+from model.networks import IPDFER, Discriminator
+
+DEFAULT_RUNS = Path(os.environ.get("IPDFER_CACHE", Path.home() / ".cache" / "ipdfer")) / "runs"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", type=Path, help="TrainConfig JSON (defaults if omitted)")
+    p.add_argument("--run-dir", type=Path, help=f"outputs and checkpoints (default {DEFAULT_RUNS}/<name>)")
+    p.add_argument("--name", default="ipdfer", help="run name under the runs folder")
+    p.add_argument("--data-cache", type=Path, help="prepared data cache (ipdfer prepare)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--ablation", action="store_true", help="expression encoder alone (no G/D/residue)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few steps on a handful of real images from ../shared (seconds; CI)")
+    p.add_argument("--shared-dir", type=Path, help="the shared data folder for --smoke")
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    cfg = load_train_config(args.config) if args.config else TrainConfig()
+    for name in ("epochs", "batch_size", "max_steps"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.image_size:
+        cfg.model.image_size = args.image_size
+    if args.ablation:
+        cfg.ablation = True
+    if args.smoke:
+        cfg.epochs, cfg.batch_size, cfg.num_workers = 1, 8, 0
+        cfg.max_steps = cfg.max_steps or 3
+        cfg.identity_every, cfg.gan_start_step, cfg.checkpoint_every, cfg.log_every = 2, 1, 2, 1
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for e, p in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if e.is_floating_point():
+                e.lerp_(p, 1 - self.decay)
+            else:
+                e.copy_(p)
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a cut-off never leaves a half-written checkpoint
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    # 1. devices and processes -------------------------------------------------
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = int(os.environ.get("RANK", "0"))
+    if distributed:
+        local = int(os.environ["LOCAL_RANK"])
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    main_process = rank == 0
+    cuda = device.type == "cuda"
+    seed_everything(cfg.seed + rank)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    run_dir = args.run_dir or DEFAULT_RUNS / (args.name + ("-smoke" if args.smoke else ""))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        (run_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    # 2. data ------------------------------------------------------------------
+    from model import data as datalib
+    if args.smoke:
+        train_set = datalib.smoke_dataset(cfg.model.image_size, args.shared_dir)
+        data_info = {"smoke": True}
+    else:
+        parts = [datalib.FaceDataset(datalib.load_split(*s.split(":"), size=cfg.model.image_size,
+                                                        cache_dir=args.data_cache), augment=True)
+                 for s in cfg.train_sets]
+        train_set = ConcatDataset(parts)
+        data_info = {"train_sets": list(cfg.train_sets), "sizes": [len(p) for p in parts]}
+    sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed) if distributed else None
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=cfg.num_workers, drop_last=len(train_set) > cfg.batch_size,
+                        pin_memory=cuda, persistent_workers=cfg.num_workers > 0)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    # 3. model, EMA, discriminator, optimisers ------------------------------------
+    model = IPDFER(cfg.model).to(device)
+    disc = Discriminator(cfg.model).to(device)
+    if cuda:
+        model, disc = model.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
+    ema = EMA(model, cfg.ema_decay)
+    identity_loss = None
+    if not cfg.ablation and cfg.loss.neutral_identity > 0:
+        from model.identity import load_identity_encoder
+        identity_loss = IdentityLoss(load_identity_encoder(device=str(device)), cfg.model.image_size).to(device)
+    objective = GeneratorObjective(cfg.loss, identity_loss)
+    opt_g = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.d_lr, betas=(0.0, 0.99))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt_g, max_lr=cfg.lr, total_steps=max(total_steps, 2),
+                                                pct_start=0.15)
+    amp = cuda and cfg.amp
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    autocast = lambda: torch.autocast("cuda", dtype=torch.float16, enabled=amp)  # noqa: E731
+    g_model = DDP(model, device_ids=[device.index] if cuda else None) if distributed else model
+    d_model = DDP(disc, device_ids=[device.index] if cuda else None) if distributed else disc
+
+    # 4. resume ----------------------------------------------------------------------
+    step, ckpt_path = 0, run_dir / "last.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"]), ema.model.load_state_dict(ckpt["ema"])
+        disc.load_state_dict(ckpt["disc"]), opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"]), sched.load_state_dict(ckpt["sched"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if main_process:
+            print(f"resumed from {ckpt_path} at step {step}")
+
+    def checkpoint(epoch: int) -> None:
+        if main_process:
+            save_checkpoint(ckpt_path, model=model.state_dict(), ema=ema.model.state_dict(),
+                            disc=disc.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
+                            sched=sched.state_dict(), scaler=scaler.state_dict(), step=step, epoch=epoch,
+                            rng_cpu=torch.get_rng_state(), train_config=to_dict(cfg), data=data_info)
+
+    # 5. the loop -------------------------------------------------------------------------
+    log_path = run_dir / "log.csv"
+    log_file = open(log_path, "a", newline="") if main_process else None
+    writer = None
+    bar = tqdm(total=total_steps, initial=step, disable=not main_process, desc="train", dynamic_ncols=True)
+    start_epoch = step // max(steps_per_epoch, 1)
+    skip = step % max(steps_per_epoch, 1)   # batches of the interrupted epoch already seen
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        if step >= total_steps:
+            break
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        torch.manual_seed(cfg.seed + epoch)  # same shuffle on resume
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue
+            if step >= total_steps:
+                break
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if cuda:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            use_gan = not cfg.ablation and step >= cfg.gan_start_step and cfg.loss.adversarial > 0
+            # 5a. G phase: encoders, heads, decoder (D frozen)
+            disc.requires_grad_(False)
+            with autocast():
+                loss_g, terms = objective(g_model.module if distributed else g_model, batch,
+                                          discriminator=d_model if use_gan else None,
+                                          use_identity=step % cfg.identity_every == 0, ablation=cfg.ablation)
+            opt_g.zero_grad(set_to_none=True)
+            scaler.scale(loss_g).backward()
+            scaler.unscale_(opt_g)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            scaler.step(opt_g)
+            # 5b. D phase: real faces vs renders and reconstructions
+            if use_gan:
+                disc.requires_grad_(True)
+                recon, render = objective.last_renders
+                with autocast():
+                    loss_d = hinge_d_loss(d_model(batch["image"]), d_model(torch.cat([render, recon])))
+                opt_d.zero_grad(set_to_none=True)
+                scaler.scale(loss_d).backward()
+                scaler.step(opt_d)
+                terms["disc"] = float(loss_d.detach())
+            scaler.update()
+            sched.step()
+            ema.update(model)
+            step += 1
+            # 5c. log and checkpoint
+            if main_process:
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    row = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
+                           "loss": float(loss_g.detach()), "sec": round(time.time() - t0, 1), **terms}
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", exp=f"{terms['expression']:.3f}")
+                    if writer is None:
+                        writer = csv.DictWriter(log_file, fieldnames=list(row) + ["disc"], extrasaction="ignore")
+                        if log_file.tell() == 0:
+                            writer.writeheader()
+                    writer.writerow(row), log_file.flush()
+            if step % cfg.checkpoint_every == 0:
+                checkpoint(epoch)
+        skip = 0
+        checkpoint(epoch + 1)
+        if main_process and not args.smoke and cfg.val_sets:
+            acc = validate(ema.model, cfg, device, args.data_cache)
+            print(json.dumps({"epoch": epoch + 1, "step": step, **acc}))
+            with open(run_dir / "val.jsonl", "a") as f:
+                f.write(json.dumps({"epoch": epoch + 1, "step": step, **acc}) + "\n")
+    checkpoint(math.ceil(step / max(steps_per_epoch, 1)))
+    bar.close()
+    if log_file:
+        log_file.close()
+    if distributed:
+        dist.destroy_process_group()
+    if main_process:
+        print(f"done: {step} steps in {time.time() - t0:.1f}s, checkpoint {ckpt_path}")
+    return 0
+
+
+@torch.no_grad()
+def validate(model: IPDFER, cfg: TrainConfig, device: torch.device, cache_dir: Path | None) -> dict:
+    """Accuracy of the (EMA) expression classifier on each validation set, with flip TTA."""
+    from model import data as datalib
+    model.eval()
+    out = {}
+    for name in cfg.val_sets:
+        faces = datalib.load_split(*name.split(":"), size=cfg.model.image_size, cache_dir=cache_dir)
+        keep = np.flatnonzero(faces.labels >= 0)
+        correct = 0
+        for s in range(0, len(keep), 256):
+            idx = keep[s:s + 256]
+            x = torch.from_numpy(np.asarray(faces.images[idx])).float().div(127.5).sub(1).unsqueeze(1).to(device)
+            logits = model.encode(x)["logits"].softmax(1) + model.encode(x.flip(3))["logits"].softmax(1)
+            correct += int((logits.argmax(1).cpu() == torch.from_numpy(faces.labels[idx])).sum())
+        out[f"{name}:acc"] = round(correct / max(len(keep), 1), 4)
+    return out

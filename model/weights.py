@@ -1,0 +1,80 @@
+"""The weights/ folder: one state_dict file plus manifest.json (sha256, config,
+training data, metrics, code commit). Loading verifies the hash and never
+unpickles code (torch.load(weights_only=True))."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig, from_dict, to_dict
+from model.networks import IPDFER
+
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class LoadedWeights:
+    model: IPDFER
+    config: ModelConfig
+    manifest: dict
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def save_weights(model: IPDFER, out_dir: Path, *, name: str = "ipdfer", version: str,
+                 trained: bool, extra: dict | None = None) -> dict:
+    """Write `<name>.pt` (state_dict + model config) and the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    file = out_dir / f"{name}.pt"
+    # Stored in fp16 to halve the repo's growth; loading casts back to fp32.
+    state = {k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    torch.save({"model_config": to_dict(model.cfg), "state_dict": state}, file)
+    manifest = {
+        "name": name, "version": version, "file": file.name, "sha256": sha256_file(file),
+        "size_bytes": file.stat().st_size, "trained": trained,
+        "model_config": to_dict(model.cfg), "git_commit": git_commit(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_weights(weights_dir: Path = DEFAULT_WEIGHTS_DIR) -> LoadedWeights:
+    manifest_path = weights_dir / MANIFEST
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"no {MANIFEST} in {weights_dir}: export weights first (ipdfer export)")
+    manifest = json.loads(manifest_path.read_text())
+    file = weights_dir / manifest["file"]
+    digest = sha256_file(file)
+    if digest != manifest["sha256"]:
+        raise ValueError(f"{file} sha256 {digest[:12]}… does not match the manifest's "
+                         f"{manifest['sha256'][:12]}…")
+    blob = torch.load(file, map_location="cpu", weights_only=True)
+    cfg = from_dict(ModelConfig, blob["model_config"])
+    model = IPDFER(cfg)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in blob["state_dict"].items()})
+    return LoadedWeights(model=model.eval(), config=cfg, manifest=manifest)

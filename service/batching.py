@@ -1,0 +1,212 @@
+"""Dynamic batching, independent of where jobs come from (Redis or an asyncio queue).
+
+Shape of the loop (after Ray Serve's batching.py):
+  1. wait for a first job (or give up after `idle_timeout`, so callers can check
+     for shutdown);
+  2. keep collecting until the batch is full or the deadline passes, the deadline
+     measured from the OLDEST job's arrival (`time.monotonic()`), so a job never
+     waits more than `max_wait_s` for company;
+  3. drain whatever is already there without blocking (never more than the max);
+  4. run the batch function once; it must return one result per input, and an
+     Exception in a slot fails that job only.
+
+`next_batch` works on any `BatchSource`; `InProcessBatcher` is the asyncio-queue
+source + futures used by `ipdfer serve` without Redis; the Redis worker feeds
+`next_batch` from the stream (service/worker.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Generic, Protocol, Sequence, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 16   # most items in one call of the batch function
+    max_wait_s: float = 0.010  # longest the oldest item waits for the batch to fill
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_wait_s < 0:
+            raise ValueError("max_wait_s must be >= 0")
+
+
+class BatchSource(Protocol[T]):
+    async def get(self, limit: int, timeout: float | None) -> list[T]:
+        """Up to `limit` (>= 1) items. Waits up to `timeout` seconds for the first
+        one (None: indefinitely; 0: do not wait) and returns [] if none came."""
+
+
+class BatchSizeMismatch(RuntimeError):
+    """The batch function returned a different number of results than inputs."""
+
+
+async def next_batch(
+    source: BatchSource[T],
+    policy: BatchPolicy,
+    *,
+    idle_timeout: float | None = None,
+    arrival: Callable[[T], float] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[T]:
+    """One batch of 1..max_batch_size items, or [] if nothing arrived within
+    `idle_timeout`. `arrival(item)` gives an item's arrival time on `clock`;
+    without it the time the first item was received counts as its arrival."""
+    # 1. first item(s)
+    batch = await source.get(policy.max_batch_size, idle_timeout)
+    if not batch:
+        return []
+    oldest = min(arrival(x) for x in batch) if arrival else clock()
+    deadline = oldest + policy.max_wait_s
+    # 2. fill until full or the oldest item's deadline
+    while len(batch) < policy.max_batch_size:
+        remaining = deadline - clock()
+        if remaining <= 0:
+            break
+        more = await source.get(policy.max_batch_size - len(batch), remaining)
+        if not more:
+            break
+        batch.extend(more)
+    # 3. drain what is already queued, without waiting
+    if len(batch) < policy.max_batch_size:
+        batch.extend(await source.get(policy.max_batch_size - len(batch), 0))
+    assert 1 <= len(batch) <= policy.max_batch_size, len(batch)
+    return batch
+
+
+def call_batch(fn: Callable[[list[T]], Sequence[R | BaseException]], items: list[T]) -> list[R | BaseException]:
+    """Run the batch function with per-item isolation: a raise fails every item
+    with that exception; an Exception in a slot fails that item only; a wrong
+    number of results fails them all with BatchSizeMismatch."""
+    try:
+        results = list(fn(items))
+    except Exception as e:  # noqa: BLE001 - the batch failed as a whole
+        log.exception("batch function raised on %d items", len(items))
+        return [e] * len(items)
+    if len(results) != len(items):
+        err = BatchSizeMismatch(f"batch function returned {len(results)} results for {len(items)} inputs")
+        log.error("%s", err)
+        return [err] * len(items)
+    return results
+
+
+# --- in-process mode ----------------------------------------------------------------
+
+@dataclass
+class _Pending(Generic[T]):
+    item: T
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class QueueSource(Generic[T]):
+    """BatchSource over an asyncio.Queue (items are whatever was put)."""
+
+    def __init__(self, queue: asyncio.Queue) -> None:
+        self.queue = queue
+
+    async def get(self, limit: int, timeout: float | None) -> list[T]:
+        out: list[T] = []
+        if timeout is None or timeout > 0:
+            try:
+                out.append(await asyncio.wait_for(self.queue.get(), timeout))
+            except asyncio.TimeoutError:
+                return out
+        while len(out) < limit:
+            try:
+                out.append(self.queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return out
+
+
+class QueueFull(Exception):
+    """No room for another job; answer 503 with Retry-After."""
+
+
+class InProcessBatcher(Generic[T, R]):
+    """asyncio queue + one future per item + `loops` tasks that batch and run the
+    (blocking) batch function in their own threads, so the event loop never waits
+    on the model. `submit` raises QueueFull at once when `maxsize` items wait."""
+
+    def __init__(self, fn: Callable[[list[T]], Sequence[R | BaseException]], policy: BatchPolicy,
+                 *, maxsize: int = 0, loops: int = 1,
+                 on_batch: Callable[[int, float], Any] | None = None) -> None:
+        self.fn = fn
+        self.policy = policy
+        self.queue: asyncio.Queue[_Pending[T]] = asyncio.Queue(maxsize)
+        self.loops = loops
+        self.on_batch = on_batch  # (batch size, seconds in fn): metrics hook
+        self._tasks: list[asyncio.Task] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(loops, thread_name_prefix="batch")
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(), name=f"batch-loop-{i}") for i in range(self.loops)]
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
+    def depth(self) -> int:
+        return self.queue.qsize()
+
+    def submit(self, item: T) -> Awaitable[R]:
+        """Queue one item; returns a future with its result (or exception)."""
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(_Pending(item, fut))
+        except asyncio.QueueFull:
+            raise QueueFull(f"{self.queue.maxsize} jobs already waiting") from None
+        return fut
+
+    async def _run(self) -> None:
+        source: QueueSource[_Pending[T]] = QueueSource(self.queue)
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await next_batch(source, self.policy, arrival=lambda p: p.arrived)
+            batch = [p for p in batch if not p.future.done()]  # client gone (timeout, disconnect)
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._pool, call_batch, self.fn, [p.item for p in batch])
+            except asyncio.CancelledError:
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(RuntimeError("service shutting down"))
+                raise
+            if self.on_batch:
+                self.on_batch(len(batch), time.perf_counter() - t0)
+            for p, r in zip(batch, results):
+                if p.future.done():
+                    continue
+                if isinstance(r, BaseException):
+                    p.future.set_exception(r)
+                else:
+                    p.future.set_result(r)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self._tasks = []
+        while not self.queue.empty():
+            p = self.queue.get_nowait()
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("service shutting down"))
+        self._pool.shutdown(wait=True, cancel_futures=True)

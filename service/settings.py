@@ -1,0 +1,106 @@
+"""Service configuration: one pydantic-settings class, read from the environment.
+
+Every variable is `IPDFER_<FIELD>` (e.g. `IPDFER_MAX_BATCH_SIZE=8`); the Redis URL
+is also read from the conventional plain `REDIS_URL`. A `.env` file in the working
+directory is read too. Each default is documented beside its field; the README's
+settings table is generated from the same descriptions (`Settings.describe()`).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="IPDFER_", env_file=".env", extra="ignore", populate_by_name=True,
+    )
+
+    # --- where jobs go -----------------------------------------------------------
+    redis_url: str | None = Field(
+        None, validation_alias=AliasChoices("redis_url", "IPDFER_REDIS_URL", "REDIS_URL"),
+        description="Redis URL (also plain REDIS_URL). Unset: in-process mode, the API "
+                    "process runs the model itself with the same batching loop.")
+    queue_prefix: str = Field("ipdfer", description="Prefix of every Redis key this service uses.")
+
+    # --- dynamic batching -------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most jobs in one model batch.")
+    max_wait_ms: float = Field(10.0, ge=0, description="Longest a job waits for a batch to fill, "
+                               "measured from the oldest job in the batch.")
+    workers_inprocess: int = Field(1, ge=1, le=16, description="In-process mode: batch loops sharing "
+                                   "the one loaded model (each runs its batches in its own thread).")
+
+    # --- queue, results, timeouts -----------------------------------------------
+    queue_maxlen: int = Field(256, ge=1, description="Jobs waiting or in flight before /predict "
+                              "answers 503 with Retry-After (backpressure).")
+    request_timeout_s: float = Field(30.0, gt=0, description="Longest a request waits for its "
+                                     "result before answering 504.")
+    result_ttl_s: int = Field(60, ge=1, description="Expiry of a job's result in Redis (a client "
+                              "that gave up leaves nothing behind).")
+    face_ttl_s: int = Field(600, ge=1, description="How long a face of a /predict stays available "
+                            "to GET /neutralize?face_id=... (404 after).")
+    face_cache_max: int = Field(10_000, ge=1, description="In-process mode: most faces kept for "
+                                "GET /neutralize (oldest evicted first).")
+    visibility_timeout_s: float = Field(30.0, gt=0, description="A job delivered to a worker and "
+                                        "not acknowledged within this is reclaimed by another worker "
+                                        "(XAUTOCLAIM). Must exceed the slowest batch.")
+    max_attempts: int = Field(3, ge=1, description="Deliveries of a job before it goes to the "
+                              "dead-letter stream and its client gets a 500 with the reason.")
+    dead_letter_maxlen: int = Field(10_000, ge=1, description="Dead-letter stream length cap.")
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="Worker heartbeat period; a worker "
+                                        "counts as alive for 3 periods after its last beat.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) sent with 503 answers.")
+
+    # --- request limits -----------------------------------------------------------
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body, "
+                                "enforced while reading (413).")
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height), checked "
+                            "from the header before decoding (413).")
+    max_faces_limit: int = Field(64, ge=1, description="Largest accepted value of ?max_faces=.")
+    api_key: SecretStr | None = Field(None, description="If set, /predict and /neutralize require "
+                                      "this value in the X-API-Key header (401 otherwise).")
+
+    # --- model -------------------------------------------------------------------
+    weights_dir: Path | None = Field(None, description="Weights folder (manifest + state_dict); "
+                                     "unset: the package's weights/.")
+    device: str | None = Field(None, description="torch device; unset: cuda if available else cpu.")
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the model "
+                                      "(unset: torch's default).")
+
+    # --- processes ---------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="`ipdfer serve` bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="`ipdfer serve` port.")
+    worker_name: str | None = Field(None, description="Consumer name of a worker; unset: host-pid.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="`ipdfer worker`: serve its "
+                                     "own Prometheus metrics (batch sizes, model time) on this port.")
+    log_level: str = Field("info", description="Logging level.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.redis_url == "":
+            self.redis_url = None
+        return self
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+    @property
+    def heartbeat_ttl_s(self) -> float:
+        return 3.0 * self.heartbeat_interval_s
+
+    def consumer_name(self) -> str:
+        return self.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(environment variable, default, description) for each field: the README table."""
+        rows = []
+        for name, field in cls.model_fields.items():
+            env = f"IPDFER_{name.upper()}" + (" or REDIS_URL" if name == "redis_url" else "")
+            rows.append((env, repr(field.default), field.description or ""))
+        return rows
