@@ -79,7 +79,11 @@ class GeneratorObjective(nn.Module):
         terms["expression"] = (F.cross_entropy(enc["logits"][labeled], y[labeled],
                                                label_smoothing=w.label_smoothing)
                                if labeled.any() else zero)
-        terms["pose"] = F.smooth_l1_loss(enc["pose"] / model.POSE_SCALE, batch["pose"] / model.POSE_SCALE)
+        # pose pseudo-labels of centre-crop fallbacks are not estimates: masked out
+        valid = batch.get("pose_valid", torch.ones_like(x[:, 0, 0, 0]))
+        pose_err = F.smooth_l1_loss(enc["pose"] / model.POSE_SCALE, batch["pose"] / model.POSE_SCALE,
+                                    reduction="none").mean(1)
+        terms["pose"] = (pose_err * valid).sum() / valid.sum().clamp(min=1)
         if ablation:
             return self._total(terms)
 

@@ -160,7 +160,11 @@ def run(args: argparse.Namespace) -> int:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"]), ema.model.load_state_dict(ckpt["ema"])
         disc.load_state_dict(ckpt["disc"]), opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"]), sched.load_state_dict(ckpt["sched"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        # Keep this invocation's schedule length: resuming with more epochs/steps extends the run.
+        phases, n_total = sched._schedule_phases, sched.total_steps
+        sched.load_state_dict(ckpt["sched"])
+        sched._schedule_phases, sched.total_steps = phases, n_total
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng_cpu"])

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, Protocol, Sequence, TypeVar
 
+from service.errors import QueueFull
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -130,29 +132,29 @@ class QueueSource(Generic[T]):
         return out
 
 
-class QueueFull(Exception):
-    """No room for another job; answer 503 with Retry-After."""
-
-
 class InProcessBatcher(Generic[T, R]):
-    """asyncio queue + one future per item + `loops` tasks that batch and run the
-    (blocking) batch function in their own threads, so the event loop never waits
-    on the model. `submit` raises QueueFull at once when `maxsize` items wait."""
+    """asyncio queue + one future per item + one batch loop per batch function.
 
-    def __init__(self, fn: Callable[[list[T]], Sequence[R | BaseException]], policy: BatchPolicy,
-                 *, maxsize: int = 0, loops: int = 1,
+    Each loop runs its (blocking) batch function in its own thread, so the event
+    loop never waits on the model and a function is never called concurrently
+    with itself (an Analyzer is not thread-safe: give each loop its own).
+    `submit` raises QueueFull at once when `maxsize` items are waiting."""
+
+    def __init__(self, policy: BatchPolicy, *, maxsize: int = 0,
                  on_batch: Callable[[int, float], Any] | None = None) -> None:
-        self.fn = fn
         self.policy = policy
         self.queue: asyncio.Queue[_Pending[T]] = asyncio.Queue(maxsize)
-        self.loops = loops
-        self.on_batch = on_batch  # (batch size, seconds in fn): metrics hook
+        self.on_batch = on_batch  # (batch size, seconds in the batch function): metrics hook
         self._tasks: list[asyncio.Task] = []
-        self._pool = concurrent.futures.ThreadPoolExecutor(loops, thread_name_prefix="batch")
+        self._pools: list[concurrent.futures.ThreadPoolExecutor] = []
 
-    def start(self) -> None:
+    def start(self, fns: Sequence[Callable[[list[T]], Sequence[R | BaseException]]]) -> None:
+        """Start one batch loop per function (call from the event loop)."""
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._run(), name=f"batch-loop-{i}") for i in range(self.loops)]
+        for i, fn in enumerate(fns):
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"batch-{i}")
+            self._pools.append(pool)
+            self._tasks.append(loop.create_task(self._run(fn, pool), name=f"batch-loop-{i}"))
 
     @property
     def running(self) -> bool:
@@ -161,16 +163,17 @@ class InProcessBatcher(Generic[T, R]):
     def depth(self) -> int:
         return self.queue.qsize()
 
-    def submit(self, item: T) -> Awaitable[R]:
+    def submit(self, item: T) -> asyncio.Future:
         """Queue one item; returns a future with its result (or exception)."""
         fut = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(_Pending(item, fut))
         except asyncio.QueueFull:
-            raise QueueFull(f"{self.queue.maxsize} jobs already waiting") from None
+            raise QueueFull(f"queue full ({self.queue.maxsize} jobs waiting)") from None
         return fut
 
-    async def _run(self) -> None:
+    async def _run(self, fn: Callable[[list[T]], Sequence[R | BaseException]],
+                   pool: concurrent.futures.ThreadPoolExecutor) -> None:
         source: QueueSource[_Pending[T]] = QueueSource(self.queue)
         loop = asyncio.get_running_loop()
         while True:
@@ -180,7 +183,7 @@ class InProcessBatcher(Generic[T, R]):
                 continue
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._pool, call_batch, self.fn, [p.item for p in batch])
+                results = await loop.run_in_executor(pool, call_batch, fn, [p.item for p in batch])
             except asyncio.CancelledError:
                 for p in batch:
                     if not p.future.done():
@@ -197,6 +200,7 @@ class InProcessBatcher(Generic[T, R]):
                     p.future.set_result(r)
 
     async def stop(self) -> None:
+        """Cancel the loops (a batch in its thread finishes), fail what still waits."""
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -209,4 +213,6 @@ class InProcessBatcher(Generic[T, R]):
             p = self.queue.get_nowait()
             if not p.future.done():
                 p.future.set_exception(RuntimeError("service shutting down"))
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._pools = []

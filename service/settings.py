@@ -60,7 +60,8 @@ class Settings(BaseSettings):
                                 "enforced while reading (413).")
     max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height), checked "
                             "from the header before decoding (413).")
-    max_faces_limit: int = Field(64, ge=1, description="Largest accepted value of ?max_faces=.")
+    min_image_side: int = Field(16, ge=1, description="Smallest accepted image side in pixels (422 "
+                                "below: no face can be found in fewer pixels).")
     api_key: SecretStr | None = Field(None, description="If set, /predict and /neutralize require "
                                       "this value in the X-API-Key header (401 otherwise).")
 

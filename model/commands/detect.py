@@ -1,0 +1,31 @@
+"""`ipdfer detect IMAGE...`: faces found by the shared pipeline, one JSON object
+per image (JSON lines). An unreadable image gets an error object, not a crash."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from model import face as facelib
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--min-score", type=float, default=0.9, help="detection score threshold")
+    p.add_argument("--device", default="cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    detector = facelib.FaceDetector(device=args.device, min_score=args.min_score)
+    failed = 0
+    for path in args.images:
+        try:
+            image = facelib.load_image(path)
+            faces = [d.to_dict() for d in detector.detect([image])[0]]
+            record = {"file": str(path), "width": image.shape[1], "height": image.shape[0], "faces": faces}
+        except (facelib.ImageError, OSError) as exc:
+            failed += 1
+            record = {"file": str(path), "error": str(exc)}
+        print(json.dumps(record), flush=True)
+    return 1 if failed == len(args.images) else 0

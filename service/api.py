@@ -1,0 +1,212 @@
+"""HTTP routes. Endpoints read the request, call the backend, shape the answer;
+service errors become HTTP answers in the handlers of service/server.py."""
+from __future__ import annotations
+
+import base64
+import time
+from typing import Annotated, Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service.backend import Backend
+from service.errors import JobError
+from service.images import probe
+from service.metrics import ApiMetrics
+from service.pipeline import largest_face
+from service.schemas import (
+    ErrorOut, HealthOut, NeutralizeOptions, PredictOptions, PredictOut, ReadyOut, RenderKind,
+    ValidationErrorOut,
+)
+from service.settings import Settings
+
+# --- dependencies ------------------------------------------------------------------
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_backend(request: Request) -> Backend:
+    return request.app.state.backend
+
+
+def get_metrics(request: Request) -> ApiMetrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+BackendDep = Annotated[Backend, Depends(get_backend)]
+MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                               description="Required only when the service sets IPDFER_API_KEY.")
+
+
+def require_api_key(settings: SettingsDep, key: Annotated[str | None, Security(_api_key_header)] = None) -> None:
+    expected = settings.api_key.get_secret_value() if settings.api_key else None
+    if expected and key != expected:
+        raise HTTPException(401, "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "APIKey"})
+
+
+def request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "")
+
+
+# --- OpenAPI descriptions of what the routes answer --------------------------------
+
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                "schema": {"type": "integer"}}}
+_E = {"model": ErrorOut}
+_IMAGE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {**_E, "description": "Empty, truncated or undecodable image, or a malformed body."},
+    401: {**_E, "description": "Missing or wrong X-API-Key (only when an API key is configured)."},
+    413: {**_E, "description": "Body over the byte limit, or image over the pixel limit."},
+    415: {**_E, "description": "Not a JPEG, PNG, WebP, BMP or TIFF image, or an unsupported body type."},
+    422: {"model": ValidationErrorOut, "description": "Invalid options, image too small, or no face."},
+    500: {**_E, "description": "The job failed repeatedly and was dead-lettered; the reason is given."},
+    503: {**_E, "headers": _RETRY_AFTER, "description": "Queue full, no worker ready, or Redis down."},
+    504: {**_E, "description": "The result did not arrive within the request timeout."},
+}
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "The image."}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    **{t: {"schema": {"type": "string", "format": "binary"}}
+       for t in ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")},
+}}}
+_PNG = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+
+# --- reading an upload -----------------------------------------------------------
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body, failing with 413 as soon as it passes `limit` bytes."""
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise HTTPException(413, f"request body is over the limit of {limit:,} bytes")
+        yield chunk
+
+
+async def read_upload(request: Request, settings: Settings) -> bytes:
+    """The image bytes of a multipart upload (field `file`) or of a raw body."""
+    limit = settings.max_body_bytes
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise HTTPException(413, f"request body is {int(length):,} bytes; the limit is {limit:,}")
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        parser = MultiPartParser(request.headers, _limited(request, limit), max_files=1, max_fields=16,
+                                 max_part_size=64 * 1024)
+        try:
+            form = await parser.parse()
+        except MultiPartException as e:
+            raise HTTPException(400, f"malformed multipart body: {e.message}") from None
+        try:
+            uploads = [v for v in form.values() if isinstance(v, UploadFile)]
+            upload = form.get("file") if isinstance(form.get("file"), UploadFile) else \
+                (uploads[0] if uploads else None)
+            if upload is None:
+                raise HTTPException(400, "the multipart body has no file; send the image in the field 'file'")
+            return await upload.read()
+        finally:
+            await form.close()
+    if media in ("", "application/octet-stream") or media.startswith("image/"):
+        return b"".join([chunk async for chunk in _limited(request, limit)])
+    raise HTTPException(415, f"unsupported body type {media!r}: send the image as multipart/form-data "
+                             "(field 'file') or as a raw image/* or application/octet-stream body")
+
+
+def _png(data: bytes, rid: str, **headers: str) -> Response:
+    return Response(content=data, media_type="image/png", headers={"X-Request-ID": rid, **headers})
+
+
+# --- routes ------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.post("/predict", response_model=PredictOut, tags=["inference"], responses=_IMAGE_ERRORS,
+             openapi_extra=_UPLOAD_BODY, dependencies=[Depends(require_api_key)],
+             summary="Expressions, head pose and (optionally) neutral faces of every face in an image")
+async def predict(request: Request, options: Annotated[PredictOptions, Query()], settings: SettingsDep,
+                  backend: BackendDep, metrics: MetricsDep) -> PredictOut:
+    t0 = time.perf_counter()
+    image = await read_upload(request, settings)
+    probe(image, max_pixels=settings.max_pixels, min_side=settings.min_image_side)
+    reply = await backend.analyze(image, aligned=options.aligned, max_faces=options.max_faces,
+                                  neutral=options.neutral)
+    metrics.observe_reply(reply)
+    return PredictOut(request_id=request_id(request), faces=reply["faces"], image=reply["image"],
+                      model=reply["model"], worker=reply["worker"], batch_size=reply["batch_size"],
+                      timings={**reply["timings"], "total_ms": round((time.perf_counter() - t0) * 1000, 2)})
+
+
+@router.get("/neutralize", tags=["inference"], response_class=Response,
+            responses={200: {**_PNG, "description": "The neutral render (or the residue heatmap)."},
+                       404: {**_E, "description": "Unknown or expired face_id."},
+                       **{k: v for k, v in _IMAGE_ERRORS.items() if k in (401, 422, 500, 503, 504)}},
+            dependencies=[Depends(require_api_key)],
+            summary="The neutral face of a face of an earlier /predict, as PNG")
+async def neutralize_face(
+    request: Request, backend: BackendDep, metrics: MetricsDep,
+    face_id: Annotated[str, Query(pattern=r"^[0-9a-f]{32}$", description="`face_id` from /predict.")],
+    kind: Annotated[RenderKind, Query(description="neutral: the neutral render; residue: where the face "
+                                                  "differs from it, as a heatmap.")] = "neutral",
+) -> Response:
+    reply = await backend.render(face_id, kind)
+    metrics.observe_reply(reply)
+    return _png(base64.b64decode(reply["png"]), request_id(request), **{"X-Face-Id": face_id})
+
+
+@router.post("/neutralize", tags=["inference"], response_class=Response,
+             responses={200: {**_PNG, "description": "The neutral render of the largest face."},
+                        **_IMAGE_ERRORS},
+             openapi_extra=_UPLOAD_BODY, dependencies=[Depends(require_api_key)],
+             summary="The neutral face of the largest face in an image, as PNG")
+async def neutralize_image(request: Request, options: Annotated[NeutralizeOptions, Query()],
+                           settings: SettingsDep, backend: BackendDep, metrics: MetricsDep) -> Response:
+    image = await read_upload(request, settings)
+    probe(image, max_pixels=settings.max_pixels, min_side=settings.min_image_side)
+    reply = await backend.analyze(image, aligned=options.aligned, max_faces=None, neutral=True)
+    metrics.observe_reply(reply)
+    face = largest_face(reply["faces"])
+    if face is None or not face.get("neutral_png"):
+        raise JobError(422, "no face was found in the image")
+    return _png(base64.b64decode(face["neutral_png"]), request_id(request), **{"X-Face-Id": face["face_id"]})
+
+
+@router.get("/healthz", response_model=HealthOut, tags=["operations"], summary="The process is alive")
+async def healthz() -> HealthOut:
+    return HealthOut()
+
+
+@router.get("/readyz", response_model=ReadyOut, tags=["operations"],
+            responses={503: {"model": ReadyOut, "headers": _RETRY_AFTER,
+                             "description": "Not ready: Redis down, no worker, or model loading."}},
+            summary="Ready to answer /predict (Redis reachable, a worker with weights loaded)")
+async def readyz(backend: BackendDep, settings: SettingsDep) -> JSONResponse:
+    state = ReadyOut(**await backend.readiness())
+    if state.ready:
+        return JSONResponse(state.model_dump())
+    return JSONResponse(state.model_dump(), status_code=503,
+                        headers={"Retry-After": str(settings.retry_after_s)})
+
+
+@router.get("/metrics", tags=["operations"], response_class=Response, summary="Prometheus metrics",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format."}})
+async def metrics_endpoint(backend: BackendDep, metrics: MetricsDep) -> Response:
+    stats = await backend.stats()
+    if stats.get("queue_depth") is not None:
+        metrics.queue_depth.set(stats["queue_depth"])
+    if stats.get("dead_letters") is not None:
+        metrics.dead_letter_jobs.set(stats["dead_letters"])
+    metrics.workers_ready.set(stats.get("workers") or 0)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,214 @@
+"""Where the API sends its jobs. Two implementations, one interface:
+
+  InProcessBackend  no REDIS_URL: the model is loaded in the API process and the
+                    batching loop (service/batching.py) runs on an asyncio queue;
+  RedisBackend      REDIS_URL set: jobs go to the Redis stream (service/queue.py),
+                    separate `ipdfer worker` processes answer them.
+
+Both return the worker's JSON reply (a dict with "status": 200) or raise one of
+service.errors: JobError (4xx/500 with a message), QueueFull / NoWorkers /
+Unavailable (503) or ResultTimeout (504). The API turns those into HTTP answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Protocol
+
+from service.batching import BatchPolicy, InProcessBatcher
+from service.errors import JobError, NoWorkers, ResultTimeout, Unavailable
+from service.pipeline import OP_ANALYZE, OP_RENDER, Job, Outcome
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    mode: str
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None,
+                      neutral: bool) -> dict[str, Any]: ...
+    async def render(self, face_id: str, kind: str) -> dict[str, Any]: ...
+    async def readiness(self) -> dict[str, Any]: ...
+    async def stats(self) -> dict[str, int | None]: ...
+
+
+def _check(reply: dict[str, Any]) -> dict[str, Any]:
+    if reply.get("status") != 200:
+        raise JobError(int(reply.get("status", 500)), str(reply.get("detail", "job failed")))
+    return reply
+
+
+class MemoryFaceStore:
+    """Face states for GET /neutralize in in-process mode: TTL + size bound (LRU)."""
+
+    def __init__(self, ttl_s: float, max_items: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self.max_items, self.clock = ttl_s, max_items, clock
+        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def put_many(self, states: dict[str, bytes]) -> None:
+        expires = self.clock() + self.ttl_s
+        for face_id, state in states.items():
+            self._items[face_id] = (expires, state)
+            self._items.move_to_end(face_id)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def get(self, face_id: str) -> bytes | None:
+        item = self._items.get(face_id)
+        if item is None:
+            return None
+        if item[0] < self.clock():
+            del self._items[face_id]
+            return None
+        return item[1]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class InProcessBackend:
+    mode = "inprocess"
+
+    def __init__(self, settings: Settings, *, pipelines: list[Callable[[list[Job]], list]] | None = None,
+                 on_batch: Callable[[int, float], Any] | None = None) -> None:
+        self.settings = settings
+        self.faces = MemoryFaceStore(settings.face_ttl_s, settings.face_cache_max)
+        self.batcher: InProcessBatcher[Job, Outcome] = InProcessBatcher(
+            BatchPolicy(settings.max_batch_size, settings.max_wait_s),
+            maxsize=settings.queue_maxlen, on_batch=on_batch)
+        self.pipelines = pipelines  # injected (tests) or loaded at start
+        self.info: list[dict[str, Any]] = []
+        self.load_error: str | None = None
+        self._loading: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        if self.pipelines is not None:
+            self._run(self.pipelines)
+        else:  # load in the background: /healthz answers at once, /readyz when loaded
+            self._loading = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        from service.pipeline import Pipeline
+        try:
+            pipes = await asyncio.to_thread(lambda: [
+                Pipeline.load(self.settings, worker=f"inprocess-{i}")
+                for i in range(self.settings.workers_inprocess)])
+        except Exception as e:  # noqa: BLE001 - reported by /readyz and every request
+            log.exception("loading the model failed")
+            self.load_error = f"loading the model failed: {e}"
+            return
+        self._run(pipes)
+
+    def _run(self, pipes: list) -> None:
+        self.pipelines = pipes
+        self.info = [dict(getattr(p, "info", {}), worker=getattr(p, "worker", "inprocess")) for p in pipes]
+        self.batcher.start(pipes)
+
+    async def stop(self) -> None:
+        if self._loading and not self._loading.done():
+            self._loading.cancel()
+        await self.batcher.stop()
+
+    async def _call(self, job: Job) -> dict[str, Any]:
+        if not self.batcher.running:
+            raise NoWorkers(self.load_error or "the model is still loading")
+        fut = self.batcher.submit(job)  # QueueFull at once when full
+        try:
+            outcome: Outcome = await asyncio.wait_for(fut, self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ResultTimeout(f"no result within {self.settings.request_timeout_s:g} s") from None
+        except Exception as e:  # noqa: BLE001 - an unexpected model error of this job
+            log.exception("job failed")
+            raise JobError(500, f"processing failed: {type(e).__name__}: {e}") from e
+        self.faces.put_many(outcome.faces)
+        return _check(outcome.reply)
+
+    async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None,
+                      neutral: bool) -> dict[str, Any]:
+        return await self._call(Job(op=OP_ANALYZE, image=image, aligned=aligned, max_faces=max_faces,
+                                    neutral=neutral, enqueued=time.time()))
+
+    async def render(self, face_id: str, kind: str) -> dict[str, Any]:
+        state = self.faces.get(face_id)
+        if state is None:
+            raise JobError(404, "unknown or expired face_id")
+        return await self._call(Job(op=OP_RENDER, state=state, kind=kind, enqueued=time.time()))
+
+    async def readiness(self) -> dict[str, Any]:
+        ready = self.batcher.running
+        detail = "model loaded" if ready else (self.load_error or "the model is still loading")
+        return {"ready": ready, "mode": self.mode, "detail": detail, "workers": self.info if ready else [],
+                "queue_depth": self.batcher.depth()}
+
+    async def stats(self) -> dict[str, int | None]:
+        return {"queue_depth": self.batcher.depth(), "dead_letters": None,
+                "workers": len(self.info) if self.batcher.running else 0}
+
+
+class RedisBackend:
+    mode = "redis"
+
+    def __init__(self, settings: Settings) -> None:
+        from service.queue import RedisQueue
+        self.settings = settings
+        self.queue = RedisQueue.from_settings(settings)
+
+    async def start(self) -> None:
+        pass  # nothing to prepare: enqueue creates the stream, workers the group
+
+    async def stop(self) -> None:
+        await self.queue.close()
+
+    async def _submit(self, meta: dict[str, Any], image: bytes = b"") -> dict[str, Any]:
+        from redis.exceptions import RedisError
+        try:
+            reply = await self.queue.submit(meta, image, self.settings.request_timeout_s)
+        except RedisError as e:
+            raise Unavailable(f"the job queue (Redis) is unavailable: {e}") from e
+        return _check(reply)
+
+    async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None,
+                      neutral: bool) -> dict[str, Any]:
+        return await self._submit({"op": OP_ANALYZE, "aligned": aligned, "max_faces": max_faces,
+                                   "neutral": neutral}, image)
+
+    async def render(self, face_id: str, kind: str) -> dict[str, Any]:
+        from redis.exceptions import RedisError
+        try:
+            known = await self.queue.face_exists(face_id)
+        except RedisError as e:
+            raise Unavailable(f"the job queue (Redis) is unavailable: {e}") from e
+        if not known:
+            raise JobError(404, "unknown or expired face_id")
+        return await self._submit({"op": OP_RENDER, "face_id": face_id, "kind": kind})
+
+    async def readiness(self) -> dict[str, Any]:
+        from redis.exceptions import RedisError
+        base = {"ready": False, "mode": self.mode, "workers": [], "queue_depth": None}
+        try:
+            await self.queue.ping()
+            workers = await self.queue.live_workers()
+            depth = await self.queue.depth()
+        except RedisError as e:
+            return {**base, "detail": f"Redis unreachable: {e}"}
+        if not workers:
+            return {**base, "queue_depth": depth, "detail": "Redis reachable, but no worker heartbeat"}
+        return {"ready": True, "mode": self.mode, "workers": workers, "queue_depth": depth,
+                "detail": f"{len(workers)} worker(s) with weights loaded"}
+
+    async def stats(self) -> dict[str, int | None]:
+        from redis.exceptions import RedisError
+        try:
+            return {"queue_depth": await self.queue.depth(), "dead_letters": await self.queue.dead_count(),
+                    "workers": len(await self.queue.live_workers())}
+        except RedisError:
+            return {"queue_depth": None, "dead_letters": None, "workers": 0}
+
+
+def make_backend(settings: Settings, **kwargs: Any) -> Backend:
+    return RedisBackend(settings) if settings.redis_url else InProcessBackend(settings, **kwargs)

@@ -1,0 +1,242 @@
+"""The batch function every mode runs: a list of jobs in, one JSON-ready reply per
+job out. Pure compute (no Redis, no HTTP): the Redis worker, the in-process
+batcher and `ipdfer predict` all call `Pipeline.__call__`.
+
+Per job:
+  analyze  raw image bytes -> decode (model.face.load_image, typed errors) ->
+           one batched `Analyzer.analyze` over the whole batch -> faces + face ids
+  render   a stored FaceState -> one batched `Analyzer.render` per kind -> PNG
+
+A bad input becomes an error *reply* for that job only (status 4xx, the message
+from the decoder). An unexpected exception is returned in the job's slot instead:
+the caller retries it (Redis worker, then dead letter) or answers 500 (in-process).
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+OP_ANALYZE = "analyze"
+OP_RENDER = "render"
+RENDER_KINDS = ("neutral", "residue")
+
+
+@dataclass
+class Job:
+    """One unit of work, independent of the transport."""
+    op: str = OP_ANALYZE
+    image: bytes = b""               # analyze: the raw upload
+    aligned: bool = False            # analyze: the image is already a face crop
+    max_faces: int | None = None     # analyze: keep the best N detections
+    neutral: bool = False            # analyze: include the neutral render (base64 PNG)
+    state: bytes | None = None       # render: FaceState bytes (None: unknown/expired)
+    kind: str = "neutral"            # render: "neutral" | "residue"
+    enqueued: float | None = None    # wall-clock time the client queued it (queue_ms)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], image: bytes, state: bytes | None = None) -> "Job":
+        return cls(op=meta.get("op", OP_ANALYZE), image=image, aligned=bool(meta.get("aligned")),
+                   max_faces=meta.get("max_faces"), neutral=bool(meta.get("neutral")), state=state,
+                   kind=meta.get("kind", "neutral"), enqueued=meta.get("enqueued"))
+
+
+@dataclass
+class Outcome:
+    reply: dict[str, Any]                                   # JSON-ready; "status" = HTTP status
+    faces: dict[str, bytes] = field(default_factory=dict)   # face_id -> FaceState bytes to keep
+
+
+def error_reply(status: int, detail: str) -> dict[str, Any]:
+    return {"status": status, "detail": detail}
+
+
+def image_error_status(exc: BaseException) -> int | None:
+    """HTTP status for model.face's typed image errors (None: not a client error)."""
+    from model.face import ImageDecodeError, ImageError, ImageTooLargeError, UnsupportedImageType
+    if isinstance(exc, ImageTooLargeError):
+        return 413
+    if isinstance(exc, UnsupportedImageType):
+        return 415
+    if isinstance(exc, (ImageDecodeError, ImageError)):
+        return 400
+    return None
+
+
+class _TimedFacePipeline:
+    """Wraps the analyzer's face pipeline (detect + align) to time it separately
+    from the encoders; everything else is delegated unchanged."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.elapsed = 0.0
+
+    def process(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.process(*args, **kwargs)
+        finally:
+            self.elapsed += time.perf_counter() - t0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class Pipeline:
+    """Batch function over an Analyzer. Not thread-safe (nor is the Analyzer):
+    one batching loop owns one Pipeline."""
+
+    def __init__(self, analyzer: Any, *, max_pixels: int, max_bytes: int, min_side: int = 16,
+                 worker: str = "inprocess") -> None:
+        self.analyzer = analyzer
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self.min_side = min_side
+        self.worker = worker
+        self._timer = None
+        if hasattr(analyzer, "pipeline"):
+            self._timer = _TimedFacePipeline(analyzer.pipeline)
+            analyzer.pipeline = self._timer
+        self.info = dict(analyzer.info)
+
+    @classmethod
+    def load(cls, settings: Any, worker: str = "inprocess") -> "Pipeline":
+        """Load weights once, apply thread settings, warm up (first request fast)."""
+        import torch
+        from model.inference import Analyzer
+
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        t0 = time.perf_counter()
+        analyzer = Analyzer.load(settings.weights_dir, settings.device)
+        analyzer.warmup()
+        log.info("model %s loaded and warmed up on %s in %.1f s", analyzer.info.get("sha256", "")[:12],
+                 analyzer.info.get("device"), time.perf_counter() - t0)
+        return cls(analyzer, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes,
+                   min_side=settings.min_image_side, worker=worker)
+
+    def __call__(self, jobs: list[Job]) -> list[Outcome | Exception]:
+        started = time.time()
+        out: list[Outcome | Exception | None] = [None] * len(jobs)
+        analyze = [i for i, j in enumerate(jobs) if j.op == OP_ANALYZE]
+        for i, j in enumerate(jobs):
+            if j.op not in (OP_ANALYZE, OP_RENDER):
+                out[i] = Outcome(error_reply(422, f"unknown operation {j.op!r}"))
+        if analyze:
+            self._analyze(jobs, analyze, out, started)
+        for kind in RENDER_KINDS:
+            idx = [i for i, j in enumerate(jobs) if j.op == OP_RENDER and j.kind == kind]
+            if idx:
+                self._render(jobs, idx, kind, out, started)
+        for i, j in enumerate(jobs):
+            if out[i] is None:  # render of an unknown kind
+                out[i] = Outcome(error_reply(422, f"unknown render kind {j.kind!r}; use neutral or residue"))
+        return out  # type: ignore[return-value]
+
+    def _timings(self, job: Job, started: float, **extra: float) -> dict[str, float]:
+        queue_ms = max(0.0, (started - job.enqueued) * 1000) if job.enqueued else 0.0
+        return {"queue_ms": round(queue_ms, 2), **{k: round(v, 2) for k, v in extra.items()}}
+
+    def _analyze(self, jobs: list[Job], idx: list[int], out: list, started: float) -> None:
+        from model.face import load_image
+
+        images, ok, decode_ms = [], [], {}
+        for i in idx:
+            t0 = time.perf_counter()
+            try:
+                img = load_image(jobs[i].image, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+            except Exception as e:  # noqa: BLE001 - typed image errors are answers
+                status = image_error_status(e)
+                out[i] = Outcome(error_reply(status, str(e))) if status else e
+                continue
+            h, w = img.shape[:2]
+            if min(h, w) < self.min_side:
+                out[i] = Outcome(error_reply(422, f"image is {w}x{h} pixels; the smallest accepted "
+                                                  f"side is {self.min_side}"))
+                continue
+            decode_ms[i] = (time.perf_counter() - t0) * 1000
+            images.append(img)
+            ok.append(i)
+        if not ok:
+            return
+        if self._timer:
+            self._timer.elapsed = 0.0
+        t0 = time.perf_counter()
+        results = self.analyzer.analyze(images, aligned=[jobs[i].aligned for i in ok],
+                                        max_faces=[jobs[i].max_faces for i in ok],
+                                        neutral=[jobs[i].neutral for i in ok])
+        batch_ms = (time.perf_counter() - t0) * 1000
+        detect_ms = self._timer.elapsed * 1000 if self._timer else 0.0
+        if len(results) != len(ok):
+            raise RuntimeError(f"analyze returned {len(results)} results for {len(ok)} images")
+        for i, img, res in zip(ok, images, results):
+            if isinstance(res, Exception):
+                status = image_error_status(res)
+                out[i] = Outcome(error_reply(status, str(res))) if status else res
+                continue
+            faces, states = [], {}
+            for pred in res:
+                face = pred.to_dict() if hasattr(pred, "to_dict") else _face_dict(pred)
+                face_id = uuid.uuid4().hex
+                states[face_id] = pred.state.to_bytes()
+                face["face_id"] = face_id
+                face["neutral_png"] = (base64.b64encode(pred.neutral_png).decode()
+                                       if pred.neutral_png is not None else None)
+                faces.append(face)
+            out[i] = Outcome({
+                "status": 200, "faces": faces,
+                "image": {"width": int(img.shape[1]), "height": int(img.shape[0])},
+                "model": self.info, "worker": self.worker, "batch_size": len(ok),
+                "timings": self._timings(jobs[i], started, decode_ms=decode_ms[i], detect_ms=detect_ms,
+                                         model_ms=max(0.0, batch_ms - detect_ms)),
+            }, states)
+
+    def _render(self, jobs: list[Job], idx: list[int], kind: str, out: list, started: float) -> None:
+        from model.inference import FaceState
+
+        states, ok = [], []
+        for i in idx:
+            if jobs[i].state is None:
+                out[i] = Outcome(error_reply(404, "unknown or expired face_id"))
+                continue
+            try:
+                states.append(FaceState.from_bytes(jobs[i].state))
+                ok.append(i)
+            except Exception as e:  # noqa: BLE001
+                out[i] = Outcome(error_reply(404, f"stored face is unreadable: {e}"))
+        if not ok:
+            return
+        t0 = time.perf_counter()
+        pngs = self.analyzer.render(states, kind)
+        model_ms = (time.perf_counter() - t0) * 1000
+        if len(pngs) != len(ok):
+            raise RuntimeError(f"render returned {len(pngs)} images for {len(ok)} faces")
+        for i, png in zip(ok, pngs):
+            out[i] = Outcome({"status": 200, "png": base64.b64encode(png).decode(), "kind": kind,
+                              "model": self.info, "worker": self.worker, "batch_size": len(ok),
+                              "timings": self._timings(jobs[i], started, model_ms=model_ms)})
+
+
+def _face_dict(pred: Any) -> dict[str, Any]:
+    return {"box": pred.box, "landmarks": pred.landmarks, "score": pred.score,
+            "expression": {"label": pred.label, "confidence": pred.confidence,
+                           "probabilities": pred.probabilities},
+            "pose": pred.pose}
+
+
+def largest_face(faces: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The face with the largest box (the only one for aligned input)."""
+    if not faces:
+        return None
+
+    def area(f: dict[str, Any]) -> float:
+        b = f.get("box")
+        return float(np.prod([b[2] - b[0], b[3] - b[1]])) if b else float("inf")
+    return max(faces, key=area)

@@ -1,0 +1,98 @@
+"""`ipdfer predict IMAGE...`: the service's pipeline on files, without a server.
+
+Files are batched (--batch-size) through the same Pipeline the workers run and one
+JSON object per file is printed (JSON lines), with the API's face schema plus
+"file". A file that cannot be read or decoded gets {"file", "status", "error"}
+instead; the run goes on. Exit code 0, or 1 when every file failed.
+
+    ipdfer predict photos/*.jpg --neutral-dir out/   # neutral faces as PNG files
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+from service.pipeline import OP_ANALYZE, Job, Pipeline
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
+    parser.add_argument("--aligned", action="store_true", help="the images already are face crops")
+    parser.add_argument("--neutral-dir", type=Path, help="write each face's neutral render here as PNG")
+    parser.add_argument("--batch-size", type=int, default=None, help="files per model batch (default 16)")
+    parser.add_argument("--max-faces", type=int, default=None, help="keep the best N faces per image")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--weights-dir", type=Path, help="weights folder (default: weights/)")
+
+
+def _batches(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def predict_files(pipeline: Any, files: list[Path], *, aligned: bool = False, max_faces: int | None = None,
+                  neutral_dir: Path | None = None, batch_size: int = 16,
+                  out: TextIO = sys.stdout) -> tuple[int, int]:
+    """Print one JSON line per file; returns (succeeded, failed)."""
+    ok = failed = 0
+    if neutral_dir:
+        neutral_dir.mkdir(parents=True, exist_ok=True)
+    for batch in _batches(files, max(1, batch_size)):
+        lines: dict[int, dict[str, Any]] = {}
+        jobs: list[tuple[int, Job]] = []
+        for k, path in enumerate(batch):
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                lines[k] = {"file": str(path), "status": 400, "error": f"cannot read file: {e.strerror or e}"}
+                continue
+            jobs.append((k, Job(op=OP_ANALYZE, image=data, aligned=aligned, max_faces=max_faces,
+                                neutral=neutral_dir is not None)))
+        results = pipeline([j for _, j in jobs]) if jobs else []
+        for (k, _), res in zip(jobs, results):
+            path = batch[k]
+            if isinstance(res, BaseException):
+                lines[k] = {"file": str(path), "status": 500, "error": f"{type(res).__name__}: {res}"}
+                continue
+            reply = res.reply
+            if reply.get("status") != 200:
+                lines[k] = {"file": str(path), "status": reply.get("status"), "error": reply.get("detail")}
+                continue
+            for n, face in enumerate(reply["faces"]):
+                png = face.pop("neutral_png", None)
+                face["neutral_png"] = None
+                if png and neutral_dir:
+                    target = neutral_dir / f"{path.stem}_face{n}_neutral.png"
+                    target.write_bytes(base64.b64decode(png))
+                    face["neutral_file"] = str(target)
+            lines[k] = {"file": str(path), "faces": reply["faces"], "image": reply["image"],
+                        "model": reply["model"], "timings": reply["timings"]}
+        for k in range(len(batch)):
+            line = lines[k]
+            if "error" in line:
+                failed += 1
+            else:
+                ok += 1
+            out.write(json.dumps(line) + "\n")
+        out.flush()
+    return ok, failed
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in {"device": args.device, "weights_dir": args.weights_dir,
+                                   "max_batch_size": args.batch_size}.items() if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    pipeline = Pipeline.load(settings, worker="predict")
+    ok, failed = predict_files(pipeline, list(args.images), aligned=args.aligned, max_faces=args.max_faces,
+                               neutral_dir=args.neutral_dir, batch_size=settings.max_batch_size)
+    print(f"{ok} file(s) analysed, {failed} failed", file=sys.stderr)
+    return 1 if failed and not ok else 0

@@ -1,0 +1,116 @@
+"""Request options and response bodies of the HTTP API (input and output models
+kept separate). These are also the OpenAPI schemas the docs and schemathesis see."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.labels import EXPRESSIONS
+
+MAX_FACES_LIMIT = 64
+
+# --- input -------------------------------------------------------------------------
+
+
+class PredictOptions(BaseModel):
+    """Query options of POST /predict."""
+    model_config = ConfigDict(extra="forbid")
+
+    neutral: bool = Field(False, description="Include each face's synthesized neutral face "
+                                             "(base64 PNG in `neutral_png`).")
+    max_faces: int | None = Field(None, ge=1, le=MAX_FACES_LIMIT,
+                                  description="Keep at most this many faces (best detections first).")
+    aligned: bool = Field(False, description="The image already is a face crop (eyes level, face "
+                                             "filling the square): skip detection.")
+
+
+class NeutralizeOptions(BaseModel):
+    """Query options of POST /neutralize."""
+    model_config = ConfigDict(extra="forbid")
+
+    aligned: bool = Field(False, description="The image already is a face crop: skip detection.")
+
+
+RenderKind = Literal["neutral", "residue"]
+
+# --- output ------------------------------------------------------------------------
+
+
+class Expression(BaseModel):
+    label: str = Field(description=f"Top class, one of {', '.join(EXPRESSIONS)}.")
+    confidence: float = Field(ge=0, le=1, description="Probability of the top class.")
+    probabilities: dict[str, float] = Field(description="Probability of each of the 7 classes (sum 1).")
+
+
+class Pose(BaseModel):
+    yaw: float = Field(description="Degrees, + = the face turns to the image's right.")
+    pitch: float = Field(description="Degrees, + = the face looks up.")
+    roll: float = Field(description="Degrees, in-plane rotation.")
+
+
+class FaceOut(BaseModel):
+    face_id: str = Field(description="Id for GET /neutralize (kept for the configured face TTL).")
+    box: list[float] | None = Field(description="x1, y1, x2, y2 in pixels; null for aligned input.",
+                                    min_length=4, max_length=4)
+    landmarks: list[list[float]] | None = Field(
+        description="5 points (x, y): left eye, right eye, nose, left and right mouth corner; "
+                    "null for aligned input.")
+    score: float | None = Field(description="Detection confidence; null for aligned input.")
+    expression: Expression
+    pose: Pose
+    neutral_png: str | None = Field(None, description="Base64 PNG of the neutral render "
+                                                      "(only with ?neutral=true).")
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    version: str
+    sha256: str
+    device: str
+
+
+class Timings(BaseModel):
+    queue_ms: float = Field(description="Waiting for a batch (queue + batch fill).")
+    decode_ms: float = Field(0.0, description="Decoding the image in the worker.")
+    detect_ms: float = Field(0.0, description="Face detection + alignment of the whole batch.")
+    model_ms: float = Field(description="Encoders (and renders) of the whole batch.")
+    total_ms: float = Field(description="Request received to answer ready, in the API.")
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class PredictOut(BaseModel):
+    request_id: str
+    faces: list[FaceOut] = Field(description="Detected faces, best detection first ([] = no face).")
+    image: ImageSize
+    model: ModelInfo
+    worker: str = Field(description="Which worker served the request.")
+    batch_size: int = Field(description="Jobs in the model batch that served this request.")
+    timings: Timings
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="What went wrong, readable by a person.")
+
+
+class ValidationErrorOut(BaseModel):
+    detail: str = Field(description="What was wrong with the request options.")
+    errors: list[dict] = Field(default_factory=list, description="One entry per invalid field.")
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    mode: Literal["redis", "inprocess"]
+    detail: str
+    workers: list[dict] = Field(default_factory=list, description="Model info of each ready worker.")
+    queue_depth: int | None = Field(None, description="Jobs waiting or in flight.")

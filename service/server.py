@@ -1,0 +1,187 @@
+"""The FastAPI app factory and `ipdfer serve`.
+
+    app = create_app(Settings())        # REDIS_URL unset: in-process model + batching loop
+    ipdfer serve --host 0.0.0.0 --port 8000
+
+Errors are JSON `{"detail": "..."}` (422 adds `errors`), turned from service
+exceptions into HTTP answers here, at the edge. Every response carries
+`X-Request-ID` (the client's, if it sent a sane one). `GET /` is left free: a
+`service/static/` folder, when present, is served there.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api import router
+from service.backend import Backend, make_backend
+from service.errors import JobError, NoWorkers, QueueFull, ResultTimeout, Unavailable
+from service.metrics import ApiMetrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+_SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+DESCRIPTION = """Facial expression recognition with identity and pose disentangled (IPD-FER).
+
+`POST /predict` an image (multipart field `file`, or the raw body) to get, per face:
+box, landmarks, detection score, expression probabilities over 7 classes, head pose
+(yaw, pitch, roll in degrees), a `face_id` and, with `?neutral=true`, the synthesized
+neutral face. `GET /neutralize?face_id=...` returns that neutral face as PNG
+(`&kind=residue`: where the face differs from it). Errors are JSON `{"detail": "..."}`;
+503 answers carry `Retry-After`."""
+
+
+class ObservabilityMiddleware:
+    """Request id, per-route request counts and latency (route templates, not raw
+    paths, so metrics cardinality stays bounded)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _SANE_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(path, method, str(status)).inc()
+            self.metrics.latency.labels(path, method).observe(time.perf_counter() - t0)
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"detail": detail, **extra}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    retry = {"Retry-After": str(app.state.settings.retry_after_s)}
+
+    @app.exception_handler(JobError)
+    async def job_error(request: Request, exc: JobError) -> JSONResponse:
+        if exc.status == 500 and exc.detail.startswith("job dead-lettered"):
+            app.state.metrics.dead_lettered.inc()
+        if exc.status == 422:
+            return _error(422, exc.detail, errors=[])
+        return _error(exc.status, exc.detail)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return _error(503, f"server busy: {exc}; retry later", retry)
+
+    @app.exception_handler(NoWorkers)
+    async def no_workers(request: Request, exc: NoWorkers) -> JSONResponse:
+        return _error(503, f"not ready: {exc}; retry later", retry)
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        return _error(503, str(exc), retry)
+
+    @app.exception_handler(ResultTimeout)
+    async def timeout(request: Request, exc: ResultTimeout) -> JSONResponse:
+        return _error(504, f"timed out waiting for the result: {exc}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
+                           for e in errors) or "invalid request"
+        return _error(422, detail, errors=errors)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+
+def create_app(settings: Settings | None = None, *, backend: Backend | None = None) -> FastAPI:
+    """The app. `backend` overrides the one chosen from settings (tests)."""
+    settings = settings or Settings()
+    backend = backend or make_backend(settings)
+    metrics = ApiMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await backend.start()
+        log.info("serving in %s mode", backend.mode)
+        try:
+            yield
+        finally:
+            await backend.stop()
+
+    app = FastAPI(title="IPD-FER", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings, app.state.backend, app.state.metrics = settings, backend, metrics
+    install_error_handlers(app)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+    app.include_router(router)
+    if STATIC_DIR.is_dir():  # a small page to try it in a browser, at GET /
+        from fastapi.staticfiles import StaticFiles
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    return app
+
+
+# --- ipdfer serve -------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="bind address (IPDFER_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (IPDFER_PORT, default 8000)")
+    parser.add_argument("--workers-inprocess", type=int,
+                        help="in-process mode: model copies, each with its own batch loop (default 1)")
+    parser.add_argument("--redis-url", help="enqueue to this Redis (REDIS_URL); unset: in-process mode")
+    parser.add_argument("--max-batch-size", type=int, help="in-process mode: most jobs per batch")
+    parser.add_argument("--max-wait-ms", type=float, help="in-process mode: batch fill deadline")
+    parser.add_argument("--log-level", help="debug, info, warning, error")
+
+
+def settings_from_args(args: argparse.Namespace, names: tuple[str, ...]) -> Settings:
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return Settings(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = settings_from_args(args, ("host", "port", "workers_inprocess", "redis_url",
+                                         "max_batch_size", "max_wait_ms", "log_level"))
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=10)
+    return 0

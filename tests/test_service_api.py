@@ -1,0 +1,392 @@
+"""The HTTP API in in-process mode with the real model (weights/), driven through
+httpx's ASGI transport; plus backpressure/timeouts with a fake batch function."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import struct
+import threading
+import zlib
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.labels import EXPRESSIONS
+from service.backend import InProcessBackend
+from service.pipeline import Outcome
+from service.schemas import PredictOut
+from service.server import create_app
+from service.settings import Settings
+
+# --- images ------------------------------------------------------------------------
+
+
+def encode(array: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def astronaut() -> np.ndarray:
+    from skimage import data
+    return data.astronaut()
+
+
+def muxspace_jpegs(shared_dir: Path, n: int) -> list[Path]:
+    folder = shared_dir / "data" / "muxspace" / "images"
+    files = sorted(folder.glob("*.jpg"))[:n] if folder.is_dir() else []
+    if len(files) < n:
+        pytest.skip(f"needs {n} JPEGs in {folder}")
+    return files
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_header_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid PNG header declaring width x height, with a few bytes of data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _png_chunk(b"IEND", b""))
+
+
+def jpeg_header_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    """A real small JPEG whose SOF0 header claims width x height."""
+    data = bytearray(encode(np.full((32, 32, 3), 128, np.uint8), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def bmp_header_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + 40 + 64, 0, 0, 54) + info + b"\0" * 64
+
+
+def malformed_corpus() -> list[tuple[str, bytes, str | None]]:
+    """(name, body, content type): inputs that must each get a 4xx with a message."""
+    rng = np.random.default_rng(0)
+    jpg, png = encode(astronaut(), "JPEG"), encode(astronaut(), "PNG")
+    gif = encode(np.zeros((32, 32, 3), np.uint8), "GIF")
+    corpus = [
+        ("empty", b"", "image/jpeg"),
+        ("empty-no-type", b"", None),
+        ("truncated-jpeg", jpg[: len(jpg) // 2], "image/jpeg"),
+        ("truncated-png", png[: len(png) // 3], "image/png"),
+        ("jpeg-header-only", jpg[:300], "image/jpeg"),
+        ("gif", gif, "image/gif"),
+        ("text-as-image", b"hello, this is not an image", "image/png"),
+        ("pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF", "application/pdf"),
+        ("json-body", b'{"image": "base64..."}', "application/json"),
+        ("1x1-png", encode(np.zeros((1, 1, 3), np.uint8), "PNG"), "image/png"),
+        ("1x1-jpeg", encode(np.zeros((1, 1, 3), np.uint8), "JPEG"), "image/jpeg"),
+        ("png-20000x20000-bomb", png_header_bomb(), "image/png"),
+        ("jpeg-20000x20000-bomb", jpeg_header_bomb(), "image/jpeg"),
+        ("bmp-20000x20000-bomb", bmp_header_bomb(), "image/bmp"),
+        ("png-8000x8000-bomb", png_header_bomb(8000, 8000), "application/octet-stream"),
+    ]
+    headers = {"jpeg": b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", "png": b"\x89PNG\r\n\x1a\n",
+               "webp": b"RIFF\x00\x10\x00\x00WEBPVP8 ", "bmp": b"BM", "tiff-le": b"II*\x00",
+               "tiff-be": b"MM\x00*", "gif": b"GIF89a"}
+    for name, magic in headers.items():
+        for size in (16, 4096):
+            corpus.append((f"random-{name}-{size}", magic + rng.bytes(size), "application/octet-stream"))
+    return corpus
+
+
+# --- running the app ---------------------------------------------------------------
+
+
+def settings(**kw) -> Settings:
+    return Settings(**{"redis_url": None, "max_batch_size": 8, "max_wait_ms": 5, **kw})
+
+
+@asynccontextmanager
+async def app_client(s: Settings, pipelines: list):
+    app = create_app(s, backend=InProcessBackend(s, pipelines=pipelines))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            yield client
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def assert_valid_prediction(body: dict, width: int, height: int) -> None:
+    PredictOut.model_validate(body)  # the documented response schema
+    assert body["image"] == {"width": width, "height": height}
+    assert body["model"]["sha256"] and body["model"]["name"]
+    for key in ("queue_ms", "decode_ms", "detect_ms", "model_ms", "total_ms"):
+        assert body["timings"][key] >= 0
+    for face in body["faces"]:
+        probs = face["expression"]["probabilities"]
+        assert list(probs) == list(EXPRESSIONS)
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-3)
+        assert face["expression"]["label"] == max(probs, key=probs.get)
+        assert face["expression"]["confidence"] == pytest.approx(max(probs.values()))
+        assert set(face["pose"]) == {"yaw", "pitch", "roll"}
+        assert all(np.isfinite(v) for v in face["pose"].values())
+        if face["box"] is not None:
+            x1, y1, x2, y2 = face["box"]
+            assert x1 < x2 and y1 < y2  # may reach past the border, but must overlap the image
+            assert x1 < width and x2 > 0 and y1 < height and y2 > 0
+            assert len(face["landmarks"]) == 5 and 0 < face["score"] <= 1
+
+
+# --- tests -------------------------------------------------------------------------
+
+
+def test_predict_round_trip_on_real_photos(service_pipeline, shared_dir):
+    files = muxspace_jpegs(shared_dir, 3)
+    img = astronaut()
+
+    async def go():
+        async with app_client(settings(), [service_pipeline]) as c:
+            r = await c.post("/predict", files={"file": ("astronaut.jpg", encode(img, "JPEG"), "image/jpeg")},
+                             headers={"X-Request-ID": "req-123"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["request_id"] == "req-123" == r.headers["x-request-id"]
+            assert_valid_prediction(body, 512, 512)
+            assert len(body["faces"]) == 1 and body["faces"][0]["score"] > 0.9
+            assert body["faces"][0]["neutral_png"] is None
+            # raw bodies, several at once (batched together), PNG too
+            bodies = [f.read_bytes() for f in files] + [encode(img, "PNG")]
+            rs = await asyncio.gather(*[c.post("/predict", content=b, headers={"content-type": "image/jpeg"})
+                                        for b in bodies])
+            for r in rs:
+                assert r.status_code == 200, r.text
+                w, h = (512, 512) if r is rs[-1] else (224, 224)
+                assert_valid_prediction(r.json(), w, h)
+                assert len(r.json()["faces"]) >= 1
+            assert max(r.json()["batch_size"] for r in rs) > 1
+    run(go())
+
+
+def test_neutral_renders_are_decodable_pngs(service_pipeline):
+    jpg = encode(astronaut(), "JPEG")
+
+    async def go():
+        async with app_client(settings(), [service_pipeline]) as c:
+            r = await c.post("/predict?neutral=true&max_faces=1", content=jpg)
+            assert r.status_code == 200, r.text
+            face = r.json()["faces"][0]
+            inline = Image.open(io.BytesIO(base64.b64decode(face["neutral_png"])))
+            assert inline.format == "PNG" and inline.size[0] > 0
+
+            r = await c.get("/neutralize", params={"face_id": face["face_id"]})
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+            neutral = Image.open(io.BytesIO(r.content))
+            neutral.load()
+            assert neutral.size == inline.size
+            r = await c.get("/neutralize", params={"face_id": face["face_id"], "kind": "residue"})
+            assert r.status_code == 200
+            residue = Image.open(io.BytesIO(r.content))
+            residue.load()
+            assert residue.mode == "RGB"  # a heatmap
+
+            r = await c.post("/neutralize", files={"file": ("a.jpg", jpg, "image/jpeg")})
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+            Image.open(io.BytesIO(r.content)).load()
+            assert len(r.headers["x-face-id"]) == 32
+
+            r = await c.get("/neutralize", params={"face_id": "0" * 32})
+            assert r.status_code == 404 and "expired" in r.json()["detail"]
+            r = await c.get("/neutralize", params={"face_id": "../etc/passwd"})
+            assert r.status_code == 422 and r.json()["detail"]
+            r = await c.get("/neutralize", params={"face_id": face["face_id"], "kind": "angry"})
+            assert r.status_code == 422
+            # no face: a clear 422, not an empty PNG
+            r = await c.post("/neutralize", content=encode(np.full((64, 64, 3), 200, np.uint8), "PNG"))
+            assert r.status_code == 422 and "no face" in r.json()["detail"]
+    run(go())
+
+
+def test_aligned_input_skips_detection(service_pipeline):
+    crop = np.ascontiguousarray(astronaut()[40:200, 145:305])  # the face, roughly centred
+
+    async def go():
+        async with app_client(settings(), [service_pipeline]) as c:
+            r = await c.post("/predict?aligned=true", content=encode(crop, "PNG"))
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert_valid_prediction(body, 160, 160)
+            (face,) = body["faces"]
+            assert face["box"] is None and face["landmarks"] is None and face["score"] is None
+    run(go())
+
+
+def test_bad_options_are_422_with_a_message(service_pipeline):
+    jpg = encode(astronaut(), "JPEG")
+
+    async def go():
+        async with app_client(settings(), [service_pipeline]) as c:
+            for query in ("max_faces=0", "max_faces=many", "neutral=perhaps", "aligned=2", "unknown=1"):
+                r = await c.post(f"/predict?{query}", content=jpg)
+                assert r.status_code == 422, query
+                assert isinstance(r.json()["detail"], str) and r.json()["detail"], query
+    run(go())
+
+
+def test_malformed_inputs_get_4xx_and_the_service_stays_up(service_pipeline):
+    corpus = malformed_corpus()
+
+    async def go():
+        async with app_client(settings(), [service_pipeline]) as c:
+            seen = {}
+            for name, body, ctype in corpus:
+                headers = {"content-type": ctype} if ctype else {}
+                r = await c.post("/predict", content=body, headers=headers)
+                seen[name] = r.status_code
+                assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+                detail = r.json()["detail"]
+                assert isinstance(detail, str) and len(detail) > 5, name
+            assert seen["png-20000x20000-bomb"] == seen["jpeg-20000x20000-bomb"] == 413
+            assert seen["bmp-20000x20000-bomb"] == seen["png-8000x8000-bomb"] == 413
+            assert seen["gif"] == seen["pdf"] == seen["json-body"] == 415
+            assert seen["1x1-png"] == seen["1x1-jpeg"] == 422
+            assert seen["empty"] == seen["truncated-jpeg"] == seen["truncated-png"] == 400
+            r = await c.post("/predict", content=encode(astronaut(), "JPEG"))
+            assert r.status_code == 200 and len(r.json()["faces"]) == 1
+            assert (await c.get("/readyz")).status_code == 200
+    run(go())
+
+
+def test_body_limit_is_enforced_while_reading(service_pipeline):
+    big = encode(astronaut(), "PNG")  # ~500 KB
+
+    async def chunks():
+        for start in range(0, len(big), 8192):
+            yield big[start:start + 8192]
+
+    async def go():
+        async with app_client(settings(max_body_bytes=100_000), [service_pipeline]) as c:
+            r = await c.post("/predict", content=big)  # Content-Length says too much
+            assert r.status_code == 413 and "limit" in r.json()["detail"]
+            r = await c.post("/predict", content=chunks())  # chunked: no length, counted while reading
+            assert r.status_code == 413
+            r = await c.post("/predict", files={"file": ("big.png", big, "image/png")})
+            assert r.status_code == 413
+            r = await c.post("/predict", files={"other": ("x.txt", b"", "text/plain")}, data={"a": "b"})
+            assert r.status_code == 400 and "file" in r.json()["detail"]
+    run(go())
+
+
+def test_api_key_when_configured(service_pipeline):
+    jpg = encode(astronaut(), "JPEG")
+
+    async def go():
+        async with app_client(settings(api_key="s3cret"), [service_pipeline]) as c:
+            assert (await c.post("/predict", content=jpg)).status_code == 401
+            assert (await c.post("/predict", content=jpg, headers={"X-API-Key": "nope"})).status_code == 401
+            assert (await c.post("/predict", content=jpg, headers={"X-API-Key": "s3cret"})).status_code == 200
+            assert (await c.get("/healthz")).status_code == 200
+    run(go())
+
+
+def test_health_ready_metrics_and_docs(service_pipeline):
+    async def go():
+        async with app_client(settings(), [service_pipeline]) as c:
+            assert (await c.get("/healthz")).json() == {"status": "ok"}
+            ready = (await c.get("/readyz")).json()
+            assert ready["ready"] is True and ready["mode"] == "inprocess"
+            assert ready["workers"][0]["sha256"]
+            await c.post("/predict", content=encode(astronaut(), "JPEG"))
+            await c.post("/predict", content=b"")
+            text = (await c.get("/metrics")).text
+            for name in ("ipdfer_http_requests_total", "ipdfer_http_request_duration_seconds_bucket",
+                         "ipdfer_queue_depth", "ipdfer_batch_size_bucket", "ipdfer_model_seconds_bucket",
+                         "ipdfer_faces_per_image_bucket", "ipdfer_dead_lettered_total"):
+                assert name in text, name
+            assert 'route="/predict",status="400"' in text
+            spec = (await c.get("/openapi.json")).json()
+            assert {"/predict", "/neutralize", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+            assert (await c.get("/docs")).status_code == 200
+    run(go())
+
+
+def test_probe_accepts_the_formats_the_decoder_accepts():
+    from model.face import SUPPORTED_FORMATS as decoder_formats
+    from service.images import SUPPORTED_FORMATS as probe_formats
+    assert probe_formats == decoder_formats
+
+
+# --- backpressure and timeouts, with a fake batch function ----------------------------
+
+
+class BlockingFake:
+    """A 'model' that holds every batch until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.info = {"name": "fake", "version": "0", "sha256": "0" * 64, "device": "cpu"}
+        self.worker = "fake"
+
+    def __call__(self, jobs):
+        self.started.set()
+        self.release.wait(30)
+        return [Outcome({"status": 200, "faces": [], "image": {"width": 1, "height": 1}, "model": self.info,
+                         "worker": "fake", "batch_size": len(jobs),
+                         "timings": {"queue_ms": 0, "model_ms": 0}}) for _ in jobs]
+
+
+def test_queue_full_answers_503_at_once_with_retry_after():
+    fake = BlockingFake()
+    jpg = encode(astronaut(), "JPEG")
+
+    async def go():
+        s = settings(queue_maxlen=2, max_batch_size=1, max_wait_ms=0, retry_after_s=3)
+        async with app_client(s, [fake]) as c:
+            backend = c._transport.app.state.backend
+            first = asyncio.ensure_future(c.post("/predict", content=jpg))
+            while not fake.started.is_set():  # the loop holds the first job; the queue is empty
+                await asyncio.sleep(0.01)
+            waiting = [asyncio.ensure_future(c.post("/predict", content=jpg)) for _ in range(2)]
+            while backend.batcher.depth() < 2:
+                await asyncio.sleep(0.01)
+            t0 = asyncio.get_running_loop().time()
+            r = await c.post("/predict", content=jpg)
+            assert asyncio.get_running_loop().time() - t0 < 0.5
+            assert r.status_code == 503 and r.headers["retry-after"] == "3"
+            assert "busy" in r.json()["detail"]
+            fake.release.set()
+            assert all(x.status_code == 200 for x in await asyncio.gather(first, *waiting))
+    run(go())
+
+
+def test_result_not_in_time_is_504():
+    fake = BlockingFake()
+
+    async def go():
+        async with app_client(settings(request_timeout_s=0.3), [fake]) as c:
+            r = await c.post("/predict", content=encode(astronaut(), "JPEG"))
+            assert r.status_code == 504 and "timed out" in r.json()["detail"]
+            fake.release.set()
+    run(go())
+
+
+def test_not_ready_until_the_model_loads(tmp_path):
+    async def go():
+        s = settings(weights_dir=tmp_path / "missing")
+        app = create_app(s)  # loads from a folder with no weights: fails in the background
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                for _ in range(200):
+                    r = await c.get("/readyz")
+                    if "failed" in r.json()["detail"]:
+                        break
+                    await asyncio.sleep(0.05)
+                assert r.status_code == 503 and r.headers["retry-after"]
+                assert (await c.get("/healthz")).status_code == 200
+                r = await c.post("/predict", content=encode(astronaut(), "JPEG"))
+                assert r.status_code == 503 and "loading the model failed" in r.json()["detail"]
+    run(go())

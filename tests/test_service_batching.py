@@ -1,0 +1,197 @@
+"""The batching loop without Redis or a model: deterministic, with extreme timeouts
+(0 and 1000 s) so no assertion depends on the machine's speed."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from service.batching import (
+    BatchPolicy, BatchSizeMismatch, InProcessBatcher, QueueSource, call_batch, next_batch,
+)
+from service.errors import QueueFull
+
+
+class ScriptedSource:
+    """Hands out pre-scripted lists, one per get(); records each (limit, timeout)."""
+
+    def __init__(self, script: list[list[int]]) -> None:
+        self.script = list(script)
+        self.calls: list[tuple[int, float | None]] = []
+
+    async def get(self, limit: int, timeout: float | None) -> list[int]:
+        self.calls.append((limit, timeout))
+        items = self.script.pop(0) if self.script else []
+        assert len(items) <= limit, "source asked for fewer items than scripted"
+        return items
+
+
+class FakeClock:
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_full_batch_returns_at_once_even_with_a_huge_wait():
+    source = ScriptedSource([[1, 2, 3, 4]])
+    t0 = time.monotonic()
+    batch = run(next_batch(source, BatchPolicy(max_batch_size=4, max_wait_s=1000.0)))
+    assert batch == [1, 2, 3, 4]
+    assert time.monotonic() - t0 < 1.0
+    assert len(source.calls) == 1  # full: no further get, not even the drain
+
+
+def test_zero_wait_only_drains_without_blocking():
+    source = ScriptedSource([[1], [2, 3]])
+    batch = run(next_batch(source, BatchPolicy(max_batch_size=8, max_wait_s=0.0)))
+    assert batch == [1, 2, 3]
+    assert source.calls == [(8, None), (7, 0)]  # first wait, then a non-blocking drain only
+
+
+def test_deadline_is_measured_from_the_oldest_item():
+    clock = FakeClock(100.0)
+    arrivals = {1: 99.0, 2: 100.0}  # item 1 arrived 1 s ago
+    source = ScriptedSource([[1, 2], [3], []])
+    policy = BatchPolicy(max_batch_size=8, max_wait_s=1.5)
+    batch = run(next_batch(source, policy, arrival=arrivals.get, clock=clock))
+    assert batch == [1, 2, 3]
+    # deadline = 99.0 + 1.5 = 100.5: the fill waits 0.5 s, not 1.5 s from "now"
+    assert source.calls[1] == (6, pytest.approx(0.5))
+
+
+def test_an_item_that_already_waited_past_the_deadline_is_not_held_back():
+    clock = FakeClock(100.0)
+    source = ScriptedSource([[1], [2]])
+    batch = run(next_batch(source, BatchPolicy(8, max_wait_s=0.010), arrival=lambda _: 50.0, clock=clock))
+    assert batch == [1, 2]
+    assert source.calls == [(8, None), (7, 0)]  # straight to the non-blocking drain
+
+
+def test_fill_stops_when_a_wait_times_out():
+    source = ScriptedSource([[1], [], [9]])  # the wait times out, [9] is there for the drain
+    batch = run(next_batch(source, BatchPolicy(8, max_wait_s=1000.0)))
+    assert batch == [1, 9]
+    assert len(source.calls) == 3 and source.calls[2] == (7, 0)  # drained without blocking
+    source = ScriptedSource([[1], [], []])
+    assert run(next_batch(source, BatchPolicy(8, max_wait_s=1000.0))) == [1]
+
+
+def test_batch_never_exceeds_the_maximum():
+    source = ScriptedSource([[1, 2], [3, 4], [5]])
+    batch = run(next_batch(source, BatchPolicy(max_batch_size=5, max_wait_s=1000.0)))
+    assert batch == [1, 2, 3, 4, 5]
+    assert [limit for limit, _ in source.calls] == [5, 3, 1]
+
+
+def test_idle_timeout_returns_an_empty_batch():
+    source = ScriptedSource([])
+    assert run(next_batch(source, BatchPolicy(4, 1000.0), idle_timeout=0.01)) == []
+    assert source.calls == [(4, 0.01)]
+
+
+def test_policy_rejects_nonsense():
+    with pytest.raises(ValueError):
+        BatchPolicy(max_batch_size=0)
+    with pytest.raises(ValueError):
+        BatchPolicy(max_wait_s=-1)
+
+
+def test_call_batch_isolates_items_and_checks_the_count():
+    def fn(items):
+        return [ValueError(f"bad {x}") if x < 0 else x * 10 for x in items]
+    out = call_batch(fn, [1, -2, 3])
+    assert out[0] == 10 and out[2] == 30 and isinstance(out[1], ValueError)
+
+    out = call_batch(lambda items: items[:-1], [1, 2, 3])
+    assert all(isinstance(r, BatchSizeMismatch) for r in out) and len(out) == 3
+
+    def boom(items):
+        raise RuntimeError("model exploded")
+    out = call_batch(boom, [1, 2])
+    assert [str(r) for r in out] == ["model exploded"] * 2
+
+
+def test_queue_source_zero_timeout_never_blocks():
+    async def go():
+        q: asyncio.Queue = asyncio.Queue()
+        src = QueueSource(q)
+        assert await src.get(4, 0) == []
+        for i in range(6):
+            q.put_nowait(i)
+        assert await src.get(4, 0) == [0, 1, 2, 3]
+        assert await src.get(4, 1000.0) == [4, 5]
+        assert await src.get(4, 0.01) == []
+    run(go())
+
+
+def test_in_process_batcher_batches_isolates_and_bounds():
+    seen: list[int] = []
+
+    def fn(items):
+        seen.append(len(items))
+        return [RuntimeError("odd") if x % 2 else x for x in items]
+
+    async def go():
+        b = InProcessBatcher(BatchPolicy(max_batch_size=4, max_wait_s=0.0), maxsize=10)
+        futs = [b.submit(i) for i in range(10)]
+        with pytest.raises(QueueFull):
+            b.submit(99)  # 10 waiting: full, refused at once
+        b.start([fn])
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        await b.stop()
+        return results
+
+    results = run(go())
+    assert [r for r in results if not isinstance(r, Exception)] == [0, 2, 4, 6, 8]
+    assert all(isinstance(results[i], RuntimeError) for i in (1, 3, 5, 7, 9))
+    assert sum(seen) == 10 and max(seen) <= 4 and len(seen) == 3  # 4 + 4 + 2
+
+
+def test_in_process_batcher_skips_jobs_whose_client_gave_up():
+    seen: list[list[int]] = []
+
+    def fn(items):
+        seen.append(list(items))
+        return items
+
+    async def go():
+        b = InProcessBatcher(BatchPolicy(max_batch_size=8, max_wait_s=0.0))
+        f1, f2 = b.submit(1), b.submit(2)
+        f1.cancel()  # e.g. the request timed out before the loop started
+        b.start([fn])
+        assert await f2 == 2
+        await b.stop()
+
+    run(go())
+    assert seen == [[2]]
+
+
+def test_in_process_batcher_two_loops_never_share_a_function():
+    active: dict[int, int] = {0: 0, 1: 0}
+    overlaps = []
+
+    def make(k):
+        def fn(items):
+            active[k] += 1
+            overlaps.append(active[k])
+            time.sleep(0.02)
+            active[k] -= 1
+            return items
+        return fn
+
+    async def go():
+        b = InProcessBatcher(BatchPolicy(max_batch_size=2, max_wait_s=0.0))
+        b.start([make(0), make(1)])
+        out = await asyncio.gather(*[b.submit(i) for i in range(12)])
+        await b.stop()
+        return out
+
+    assert run(go()) == list(range(12))
+    assert max(overlaps) == 1
