@@ -83,7 +83,7 @@ def _check_manifest(dataset: str, index: dict) -> None:
     """Warn when the committed manifest no longer matches what the cache was built from."""
     from model import datasets as ds
     from model.prepare import MANIFEST_DIR, manifest_digest, ordered
-    path = MANIFEST_DIR / f"{dataset}.csv"
+    path = Path(index.get("manifest") or MANIFEST_DIR / f"{dataset}.csv")
     if path.is_file() and manifest_digest(ordered(ds.read_manifest(path))) != index.get("manifest_sha256"):
         warnings.warn(f"{path} differs from the manifest the {dataset} cache was built from; "
                       "run `ipdfer prepare` again", stacklevel=3)
@@ -117,7 +117,7 @@ class FaceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         f = self.faces
-        img = np.asarray(f.images[i])  # (S, S) uint8, copied out of the memmap
+        img = np.array(f.images[i])  # (S, S) uint8, copied out of the memmap
         pose = f.pose[i].astype(np.float32).copy()
         if self.augment:
             img, pose = self._augment(img, pose)

@@ -199,7 +199,7 @@ class FaceDetector:
                  min_score: float = 0.9, max_side: int = 1280,
                  upscale_small: bool = True, small_side: int = 96,
                  upscale_factor: float = 3.0, pad_fraction: float = 0.1,
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, batch_pixels: int = 8_000_000) -> None:
         from facenet_pytorch import MTCNN  # imported here: decoding and alignment don't need it
 
         self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=min_face_size)
@@ -211,6 +211,7 @@ class FaceDetector:
         self.upscale_factor = upscale_factor
         self.pad_fraction = pad_fraction
         self.batch_size = batch_size
+        self.batch_pixels = batch_pixels  # MTCNN holds the batch as float32: ~12 B/pixel
 
     def _detection_scale(self, h: int, w: int) -> float:
         up = self.upscale_factor if self.upscale_small and min(h, w) < self.small_side else 1.0
@@ -239,9 +240,10 @@ class FaceDetector:
             prepared[i], mappings[i] = image, (pad, dw / w, dh / h)
             groups[image.shape].append(i)  # MTCNN batches same-size images only
 
-        for idx in groups.values():
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start:start + self.batch_size]
+        for (ph, pw, _), idx in groups.items():
+            per_batch = max(1, min(self.batch_size, self.batch_pixels // (ph * pw)))
+            for start in range(0, len(idx), per_batch):
+                chunk = idx[start:start + per_batch]
                 batch = np.stack([prepared[i] for i in chunk])
                 boxes, probs, points = self.mtcnn.detect(batch, landmarks=True)
                 for i, b, p, pts in zip(chunk, boxes, probs, points):
@@ -389,10 +391,10 @@ def dlib_chip(image_rgb: np.ndarray, landmarks: np.ndarray, size: int = 150,
 
 def to_model_input(aligned: np.ndarray | list[np.ndarray]) -> torch.Tensor:
     """uint8 (N, S, S) (or a list of (S, S)) -> float32 (N, 1, S, S) in [-1, 1]."""
-    batch = np.ascontiguousarray(np.stack(aligned) if isinstance(aligned, (list, tuple)) else aligned)
+    batch = np.stack(aligned) if isinstance(aligned, (list, tuple)) else np.asarray(aligned)
     if batch.dtype != np.uint8 or batch.ndim != 3:
         raise ValueError(f"expected uint8 (N, S, S), got {batch.dtype} {batch.shape}")
-    return torch.from_numpy(batch).unsqueeze(1).float() / 127.5 - 1.0
+    return torch.from_numpy(np.ascontiguousarray(batch)).unsqueeze(1).float() / 127.5 - 1.0
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

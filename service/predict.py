@@ -40,8 +40,9 @@ def _batches(items: list[Path], size: int) -> Iterator[list[Path]]:
 
 def predict_files(pipeline: Any, files: list[Path], *, aligned: bool = False, max_faces: int | None = None,
                   neutral_dir: Path | None = None, batch_size: int = 16,
-                  out: TextIO = sys.stdout) -> tuple[int, int]:
+                  out: TextIO | None = None) -> tuple[int, int]:
     """Print one JSON line per file; returns (succeeded, failed)."""
+    out = out or sys.stdout
     ok = failed = 0
     if neutral_dir:
         neutral_dir.mkdir(parents=True, exist_ok=True)

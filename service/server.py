@@ -74,8 +74,9 @@ class ObservabilityMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            route = getattr(scope.get("route"), "path", None)
+            # unmatched 404s share one label (unbounded paths); docs routes keep theirs
+            path = route or ("unmatched" if status == 404 else scope.get("path", "unmatched"))
             method = scope.get("method", "")
             self.metrics.requests.labels(path, method, str(status)).inc()
             self.metrics.latency.labels(path, method).observe(time.perf_counter() - t0)

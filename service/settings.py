@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most jobs in one model batch.")
     max_wait_ms: float = Field(10.0, ge=0, description="Longest a job waits for a batch to fill, "
                                "measured from the oldest job in the batch.")
-    workers_inprocess: int = Field(1, ge=1, le=16, description="In-process mode: batch loops sharing "
-                                   "the one loaded model (each runs its batches in its own thread).")
+    workers_inprocess: int = Field(1, ge=1, le=16, description="In-process mode: model copies, each "
+                                   "owned by its own batch loop and thread (an Analyzer is not thread-safe).")
 
     # --- queue, results, timeouts -----------------------------------------------
     queue_maxlen: int = Field(256, ge=1, description="Jobs waiting or in flight before /predict "

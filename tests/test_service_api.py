@@ -275,8 +275,12 @@ def test_body_limit_is_enforced_while_reading(service_pipeline):
             assert r.status_code == 413
             r = await c.post("/predict", files={"file": ("big.png", big, "image/png")})
             assert r.status_code == 413
-            r = await c.post("/predict", files={"other": ("x.txt", b"", "text/plain")}, data={"a": "b"})
-            assert r.status_code == 400 and "file" in r.json()["detail"]
+            form = (b"--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nb\r\n--XyZ--\r\n")
+            r = await c.post("/predict", content=form, headers={"content-type": "multipart/form-data; boundary=XyZ"})
+            assert r.status_code == 400 and "field 'file'" in r.json()["detail"]
+            r = await c.post("/predict", content=b"--XyZ\r\nbroken", headers={
+                "content-type": "multipart/form-data; boundary=XyZ"})
+            assert r.status_code == 400
     run(go())
 
 

@@ -1,0 +1,471 @@
+"""model/face.py on real images: decoding, detection, alignment, dlib chips, pipeline."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+from skimage import data as skdata
+
+from model.face import (
+    CANONICAL_LANDMARKS, DLIB_CHIP_LANDMARKS, Detection, FaceDetector, FacePipeline,
+    ImageDecodeError, ImageError, ImageTooLargeError, UnsupportedImageType, align_face,
+    center_crop_face, center_landmarks, dlib_chip, dlib_chip_transform, image_format,
+    load_image, similarity_transform, to_model_input, to_uint8,
+)
+
+ASTRONAUT_BOX = np.array([181, 62, 268, 172])  # MTCNN's face box, measured once
+
+
+# -- fixtures and helpers ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def detector() -> FaceDetector:
+    return FaceDetector()
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return skdata.astronaut()
+
+
+@pytest.fixture(scope="module")
+def astronaut_face(detector, astronaut) -> Detection:
+    faces = detector.detect([astronaut])[0]
+    assert len(faces) == 1
+    return faces[0]
+
+
+@pytest.fixture(scope="module")
+def muxspace(shared_dir: Path) -> Path:
+    folder = shared_dir / "data" / "muxspace" / "images"
+    if not folder.is_dir():
+        pytest.skip(f"no muxspace images at {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def testvectors(shared_dir: Path) -> Path:
+    folder = shared_dir / "testvectors" / "dlib_resnet"
+    if not (folder / "descriptors.json").is_file():
+        pytest.skip(f"no dlib test vectors at {folder}")
+    return folder
+
+
+def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A ~70-byte PNG whose IHDR declares width x height (a decompression bomb's header)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload)))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def eyes_vertical(d: Detection) -> bool:
+    dx, dy = np.abs(d.landmarks[1] - d.landmarks[0])
+    return dy > dx
+
+
+# -- 1. decoding ------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF"])
+def test_lossless_formats_roundtrip(astronaut, fmt):
+    out = load_image(encode(astronaut, fmt))
+    assert out.dtype == np.uint8 and out.shape == astronaut.shape
+    assert np.array_equal(out, astronaut)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_lossy_formats(astronaut, fmt):
+    out = load_image(encode(astronaut, fmt, quality=95))
+    assert out.dtype == np.uint8 and out.shape == astronaut.shape
+    assert np.abs(out.astype(int) - astronaut).mean() < 4
+
+
+def test_path_and_str_input(tmp_path, astronaut):
+    path = tmp_path / "a.png"
+    path.write_bytes(encode(astronaut, "PNG"))
+    assert np.array_equal(load_image(path), astronaut)
+    assert np.array_equal(load_image(str(path)), astronaut)
+
+
+def test_grayscale_png_to_rgb():
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    out = load_image(encode(grey, "PNG"))
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert all(np.array_equal(out[:, :, c], grey) for c in range(3))
+
+
+def test_alpha_composited_on_white():
+    rgba = np.array([[[255, 0, 0, 0], [0, 0, 255, 255], [0, 0, 0, 128]]], np.uint8)
+    out = load_image(encode(rgba, "PNG"))
+    assert out.shape == (1, 3, 3)
+    assert out[0, 0].tolist() == [255, 255, 255]     # fully transparent -> white
+    assert out[0, 1].tolist() == [0, 0, 255]         # opaque kept
+    assert np.all(np.abs(out[0, 2].astype(int) - 127) <= 1)  # half black on white
+    la = np.array([[[0, 0], [200, 255]]], np.uint8)
+    assert load_image(encode(la, "PNG"))[0].tolist() == [[255] * 3, [200] * 3]
+
+
+def test_16bit_png_is_scaled_not_clipped():
+    values = np.array([[0, 257 * 100, 65535, 1000]], np.uint16)
+    im = Image.fromarray(values)
+    assert im.mode.startswith("I;16")
+    out = load_image(encode(values, "PNG"))
+    assert out.shape == (1, 4, 3) and out.dtype == np.uint8
+    assert out[0, :, 0].tolist() == [0, 100, 255, 4]
+
+
+def test_palette_png():
+    im = Image.new("P", (4, 4))
+    im.putpalette([10, 20, 30] * 256)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    assert load_image(buf.getvalue())[0, 0].tolist() == [10, 20, 30]
+
+
+def test_exif_orientation_is_applied(detector, astronaut):
+    # Orientation 6: the stored pixels must be turned 90 deg clockwise for display.
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(astronaut)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    out = load_image(buf.getvalue())
+    assert out.shape == astronaut.shape
+    assert np.abs(out.astype(int) - astronaut).mean() < 4
+    faces = detector.detect([out])[0]
+    assert len(faces) == 1 and not eyes_vertical(faces[0])
+
+
+def test_truncated_files_are_rejected(astronaut):
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES
+    for fmt in ("JPEG", "PNG"):
+        blob = encode(astronaut, fmt)
+        with pytest.raises(ImageDecodeError):
+            load_image(blob[: len(blob) // 2])
+
+
+@pytest.mark.parametrize("blob", [b"", np.random.default_rng(0).bytes(5000), b"\x89PNG\r\n\x1a\n"])
+def test_garbage_is_a_decode_error(blob):
+    with pytest.raises(ImageDecodeError):
+        load_image(blob)
+
+
+@pytest.mark.parametrize("size", [(20000, 20000), (8000, 6000)])
+def test_pixel_bomb_rejected_from_the_header(size):
+    blob = png_header_only(*size)
+    assert len(blob) < 100
+    start = time.perf_counter()
+    with pytest.raises(ImageTooLargeError, match="too large|limit"):
+        load_image(blob)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_byte_limit():
+    with pytest.raises(ImageTooLargeError):
+        load_image(encode(np.zeros((64, 64, 3), np.uint8), "BMP"), max_bytes=1000)
+
+
+def test_gif_is_unsupported():
+    gif = encode(np.zeros((8, 8, 3), np.uint8), "GIF")
+    assert image_format(gif) == "GIF"
+    with pytest.raises(UnsupportedImageType, match="GIF"):
+        load_image(gif)
+
+
+def test_image_format_and_error_types():
+    assert image_format(encode(np.zeros((4, 4, 3), np.uint8), "PNG")) == "PNG"
+    assert image_format(b"not an image") is None
+    for cls in (ImageDecodeError, ImageTooLargeError, UnsupportedImageType):
+        assert issubclass(cls, ImageError) and issubclass(cls, ValueError)
+
+
+# -- 2. detection -------------------------------------------------------------------
+
+def test_astronaut_one_face(astronaut_face):
+    d = astronaut_face
+    assert np.all(np.abs(np.array(d.box) - ASTRONAUT_BOX) < 8), d.box
+    x1, y1, x2, y2 = d.box
+    assert np.all((d.landmarks >= [x1, y1]) & (d.landmarks <= [x2, y2]))
+    assert d.landmarks[0, 0] < d.landmarks[1, 0]  # "left eye" = image left
+    assert d.score >= 0.9
+    assert json.loads(json.dumps(d.to_dict()))["landmarks"][2] == pytest.approx(
+        d.landmarks[2].tolist())
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (10, 10, 3), (5, 300, 3), (240, 320, 3)])
+def test_no_face_is_an_empty_list(detector, shape):
+    assert detector.detect([np.full(shape, 128, np.uint8)]) == [[]]
+
+
+def test_two_people_side_by_side(detector, muxspace):
+    left = load_image(muxspace / "George_W_Bush_0001.jpg")
+    right = load_image(muxspace / "Serena_Williams_0001.jpg")
+    both = np.hstack([left, right])
+    half = left.shape[1]
+    faces = sorted(detector.detect([both])[0], key=lambda d: d.box[0])
+    assert len(faces) == 2
+    centres = [(d.box[0] + d.box[2]) / 2 for d in faces]
+    assert centres[0] < half < centres[1]
+    assert faces[0].box[2] < half + 10 and faces[1].box[0] > half - 10
+
+
+def test_rotated_face_gives_consistent_landmarks(detector, astronaut, astronaut_face):
+    # 90 deg: MTCNN (trained on upright faces) finds nothing here; whatever it finds
+    # must have its eyes stacked vertically.
+    faces = detector.detect([np.ascontiguousarray(np.rot90(astronaut))])[0]
+    assert isinstance(faces, list)
+    assert all(eyes_vertical(d) for d in faces)
+    # 30 deg: found, and the landmarks turn with the face (measured 1.8 px).
+    m = cv2.getRotationMatrix2D((255.5, 255.5), 30, 1.0)
+    turned = cv2.warpAffine(astronaut, m, (512, 512), borderMode=cv2.BORDER_REPLICATE)
+    [face] = detector.detect([turned])[0]
+    expected = astronaut_face.landmarks @ m[:, :2].T + m[:, 2]
+    assert np.linalg.norm(face.landmarks - expected, axis=1).mean() < 4
+
+
+def test_huge_image_is_downscaled_and_mapped_back(detector, astronaut, astronaut_face):
+    canvas = np.full((8000, 8000, 3), 90, np.uint8)
+    canvas[4000:6048, 3000:5048] = cv2.resize(astronaut, (2048, 2048),
+                                              interpolation=cv2.INTER_LINEAR)
+    start = time.perf_counter()
+    faces = detector.detect([canvas])[0]
+    elapsed = time.perf_counter() - start
+    assert len(faces) == 1
+    # x4 upscale maps x -> 4x + 1.5 (pixel centres), then the paste offset.
+    expected = np.array(astronaut_face.box) * 4 + 1.5 + [3000, 4000, 3000, 4000]
+    width = expected[2] - expected[0]
+    assert np.all(np.abs(np.array(faces[0].box) - expected) < 0.05 * width), faces[0].box
+    assert elapsed < 30  # detection ran at <= 1280 px, not at 8000
+
+
+def test_small_crop_is_upscaled(detector, shared_dir):
+    path = shared_dir / "data" / "fer2013" / "test" / "happy" / "PrivateTest_10613684.jpg"
+    if not path.is_file():
+        pytest.skip(f"missing {path}")
+    image = load_image(path)
+    assert image.shape == (48, 48, 3)
+    faces = detector.detect([image])[0]
+    assert len(faces) >= 1
+    assert np.all((faces[0].landmarks > 0) & (faces[0].landmarks < 48))
+
+
+def test_batch_equals_one_by_one(detector, muxspace):
+    mux = load_image(muxspace / "George_W_Bush_0002.jpg")
+    small = cv2.resize(mux, (80, 80), interpolation=cv2.INTER_AREA)  # another size group
+    grey = np.full((224, 224, 3), 128, np.uint8)
+    images = [mux, small, grey, np.ascontiguousarray(mux[:, ::-1])]
+    batched = detector.detect(images)
+    assert len(batched) == len(images) and batched[2] == []
+    assert all(len(batched[i]) == 1 for i in (0, 1, 3))
+    for image, result in zip(images, batched):
+        single = detector.detect([image])[0]
+        assert len(result) == len(single)
+        for a, b in zip(result, single):
+            assert np.allclose(a.box, b.box, atol=1e-3)
+            assert np.allclose(a.landmarks, b.landmarks, atol=1e-3)
+
+
+# -- 3. alignment -------------------------------------------------------------------
+
+def test_similarity_transform_recovers_a_known_transform():
+    angle, scale, t = np.radians(25), 3.7, np.array([40.0, -12.0])
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    src = CANONICAL_LANDMARKS * 100
+    dst = src @ (scale * rot).T + t
+    m = similarity_transform(src, dst)
+    assert np.allclose(m, np.hstack([scale * rot, t[:, None]]))
+    mirrored = dst * [-1, 1]  # no reflection, even when it would fit better
+    assert np.linalg.det(similarity_transform(src, mirrored)[:, :2]) > 0
+
+
+def test_align_face_puts_landmarks_on_the_template():
+    # Five dots at a rotated, scaled, shifted copy of the template: after alignment
+    # each dot's centroid must sit on the template point (< 1 px).
+    size = 64
+    m_true = cv2.getRotationMatrix2D((0, 0), 17, 3.1) + np.array([[0, 0, 150.0], [0, 0, 90.0]])
+    lm = (CANONICAL_LANDMARKS * size - 0.5) @ m_true[:, :2].T + m_true[:, 2]
+    image = np.zeros((400, 400, 3), np.uint8)
+    for x, y in lm:
+        # 4 fractional bits: sub-pixel centres, radius 3 px
+        cv2.circle(image, (round(x * 16), round(y * 16)), 3 * 16, (255, 255, 255), -1,
+                   cv2.LINE_AA, 4)
+    aligned = align_face(image, lm, size)
+    assert aligned.shape == (size, size) and aligned.dtype == np.uint8
+    template = CANONICAL_LANDMARKS * size - 0.5
+    ys, xs = np.mgrid[:size, :size]
+    for tx, ty in template:
+        near = ((xs - tx) ** 2 + (ys - ty) ** 2 < 4 ** 2) * aligned.astype(float)
+        cx, cy = (near * xs).sum() / near.sum(), (near * ys).sum() / near.sum()
+        assert np.hypot(cx - tx, cy - ty) < 1.0
+
+
+def test_align_face_on_a_real_face(astronaut, astronaut_face):
+    size = 64
+    lm = astronaut_face.landmarks
+    m = similarity_transform(lm, CANONICAL_LANDMARKS * size - 0.5)
+    warped = lm @ m[:, :2].T + m[:, 2]
+    err = np.linalg.norm(warped - (CANONICAL_LANDMARKS * size - 0.5), axis=1)
+    assert err[:2].max() < 2.0  # eyes; a real (smiling) face is no exact copy of the template
+    aligned = align_face(astronaut, lm, size)
+    assert aligned.shape == (size, size) and aligned.dtype == np.uint8
+
+
+def test_align_face_does_not_alias():
+    # 1-px black/white stripes shrunk 16x (rotated) must average to grey; plain
+    # bilinear sampling would pick single stripes and return black/white noise.
+    stripes = np.zeros((1024, 1024, 3), np.uint8)
+    stripes[:, ::2] = 255
+    rot = cv2.getRotationMatrix2D((0, 0), 20, 1.0)[:, :2]
+    lm = (CANONICAL_LANDMARKS * 1024 - 512) @ rot.T + 512
+    out = align_face(stripes, lm, 64)
+    assert abs(out.mean() - 127.5) < 3 and out.std() < 3
+
+
+def test_center_crop_face():
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8), (0, 0), 3)
+    plain = center_crop_face(image, 64, margin=0.0, dy=0.0)
+    resized = cv2.cvtColor(cv2.resize(image, (64, 64), interpolation=cv2.INTER_LINEAR),
+                           cv2.COLOR_RGB2GRAY)
+    assert np.abs(plain.astype(int) - resized).max() <= 1
+    fallback = center_crop_face(image, 64)
+    assert fallback.shape == (64, 64) and fallback.dtype == np.uint8
+    wide = center_landmarks((48, 96, 3))  # the central square of a wide image
+    assert np.allclose(wide, center_landmarks((48, 48, 3)) + [24, 0])
+
+
+# -- dlib chips ----------------------------------------------------------------------
+
+# dlib's 5-point chip template (interpolation.h, get_face_chip_details): eye corners, nose base.
+DLIB5 = np.array([[0.8595674595992, 0.2134981538014], [0.6460604764104, 0.2289674387677],
+                  [0.1205750620789, 0.2137274526848], [0.3340850613712, 0.2290642403242],
+                  [0.4901123135679, 0.6277975316475]])
+
+
+def _vector_faces(testvectors: Path, muxspace: Path):
+    for face in json.loads((testvectors / "descriptors.json").read_text())["faces"]:
+        chip = np.array(Image.open(testvectors / face["chip"]).convert("RGB"))
+        if face["name"] == "astronaut":
+            source, k = skdata.astronaut(), 1.0
+        else:  # dlib saw the 350x350 originals; the shared copies are 224x224
+            source, k = load_image(muxspace / f"{face['name']}.jpg"), 224 / 350
+        yield face["name"], chip, source, np.array(face["landmarks5"], float) * k
+
+
+def test_dlib_chip_matches_dlibs_geometry(detector, testvectors, muxspace):
+    """Cut from the source image with MTCNN points, our chip lands where dlib's
+    (from its own landmarks) did: mean misplacement over the chip, in chip pixels."""
+    grid = np.stack(np.meshgrid(np.arange(0, 150, 5.0), np.arange(0, 150, 5.0)), -1).reshape(-1, 2)
+    faces = list(_vector_faces(testvectors, muxspace))
+    detections = detector.detect([source for _, _, source, _ in faces])
+    errors = []
+    for (name, chip, source, dlib5), found in zip(faces, detections):
+        truth = similarity_transform(dlib5, (0.25 + DLIB5) / 1.5 * 150 - 0.5)  # image -> chip
+        assert np.abs(cv2.warpAffine(source, truth, (150, 150)).astype(int) - chip).mean() < 6, name
+        ours = dlib_chip_transform(found[0].landmarks)
+        inv = cv2.invertAffineTransform(truth)
+        moved = (grid @ inv[:, :2].T + inv[:, 2]) @ ours[:, :2].T + ours[:, 2]
+        errors.append(np.linalg.norm(moved - grid, axis=1).mean())
+    # measured: mean 3.2 px, worst 7.6 px (a half-profile face); 1 px ~ 1% of the face
+    assert np.mean(errors) < 4.5 and max(errors) < 10, errors
+
+
+def test_dlib_chip_of_a_chip_is_nearly_itself(detector, testvectors):
+    """MTCNN on dlib's own chips finds points near DLIB_CHIP_LANDMARKS, and re-cutting
+    the chip from them nearly reproduces it. Scale: shifting these chips by 1/2/3 px
+    gives a mean abs difference of 3.8/7.3/10.4 grey levels; two different faces ~56."""
+    template = (0.25 + DLIB_CHIP_LANDMARKS) / 1.5 * 150 - 0.5
+    paths = sorted(testvectors.glob("*_chip150.png"))
+    chips = [np.array(Image.open(p).convert("RGB")) for p in paths]
+    assert len(chips) == 10
+    diffs, errors = [], []
+    for chip, faces in zip(chips, detector.detect(chips)):
+        assert faces
+        lm = faces[0].landmarks
+        errors.append(np.linalg.norm(lm[:3] - template[:3], axis=1).mean())
+        recut = dlib_chip(chip, lm)
+        assert recut.shape == (150, 150, 3) and recut.dtype == np.uint8
+        diffs.append(np.abs(recut.astype(int) - chip).mean())
+    # measured: eyes+nose error median ~3 px; re-cut difference median 11, worst 56
+    # (a half-profile chip where MTCNN misplaces the eyes)
+    assert np.median(errors) < 5, errors
+    assert np.median(diffs) < 15, diffs
+
+
+# -- model tensors --------------------------------------------------------------------
+
+def test_model_input_roundtrip():
+    batch = np.random.default_rng(1).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    x = to_model_input(batch)
+    assert x.shape == (3, 1, 64, 64) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert to_model_input(list(batch)).equal(x)
+    assert np.array_equal(to_uint8(x), batch)
+    with pytest.raises(ValueError):
+        to_model_input(batch.astype(np.float32))
+
+
+# -- 4. pipeline ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipeline(detector) -> FacePipeline:
+    return FacePipeline(detector=detector, size=64)
+
+
+def test_pipeline_detects_and_aligns(pipeline, astronaut):
+    first, second = pipeline.process([astronaut]), pipeline.process([astronaut])
+    assert len(first) == 1 and len(first[0]) == 1
+    face = first[0][0]
+    assert face.detection is not None and not face.fallback
+    assert face.aligned.shape == (64, 64) and face.aligned.dtype == np.uint8
+    assert face.chip.shape == (150, 150, 3) and face.chip.dtype == np.uint8
+    again = second[0][0]  # deterministic
+    assert np.array_equal(face.aligned, again.aligned) and np.array_equal(face.chip, again.chip)
+
+
+def test_pipeline_fallback_and_no_face(detector):
+    grey = np.full((48, 48, 3), 128, np.uint8)
+    assert FacePipeline(detector=detector).process([grey]) == [[]]
+    [[face]] = FacePipeline(detector=detector, fallback_to_center=True).process([grey])
+    assert face.fallback and face.detection is None
+    assert face.aligned.shape == (64, 64) and face.chip.shape == (150, 150, 3)
+
+
+def test_pipeline_already_aligned_input(pipeline, astronaut, astronaut_face):
+    aligned112 = align_face(astronaut, astronaut_face.landmarks, 112)
+    [[face]] = pipeline.process([aligned112], aligned=True)
+    assert face.detection is None and not face.fallback
+    expected = cv2.resize(aligned112, (64, 64), interpolation=cv2.INTER_LINEAR)
+    assert np.abs(face.aligned.astype(int) - expected).mean() < 2
+    # Its chip assumes the template points: the same chip as cutting the photo at
+    # the template points mapped back into it (up to resampling). The aligned crop
+    # ends ~10 px above the chip's bottom edge: those rows are black.
+    m = similarity_transform(astronaut_face.landmarks, CANONICAL_LANDMARKS * 112 - 0.5)
+    inv = cv2.invertAffineTransform(m)
+    implied = (CANONICAL_LANDMARKS * 112 - 0.5) @ inv[:, :2].T + inv[:, 2]
+    direct = cv2.cvtColor(dlib_chip(astronaut, implied), cv2.COLOR_RGB2GRAY)
+    assert np.abs(face.chip[:135, :, 0].astype(int) - direct[:135]).mean() < 4
+
+
+def test_pipeline_max_faces(pipeline, muxspace):
+    both = np.hstack([load_image(muxspace / "George_W_Bush_0001.jpg"),
+                      load_image(muxspace / "Serena_Williams_0001.jpg")])
+    [faces] = pipeline.process([both], max_faces=1)
+    assert len(faces) == 1
