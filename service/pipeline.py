@@ -183,7 +183,7 @@ class Pipeline:
                 continue
             faces, states = [], {}
             for pred in res:
-                face = pred.to_dict() if hasattr(pred, "to_dict") else _face_dict(pred)
+                face = pred.to_dict()  # box, landmarks, score, expression, pose
                 face_id = uuid.uuid4().hex
                 states[face_id] = pred.state.to_bytes()
                 face["face_id"] = face_id
@@ -222,13 +222,6 @@ class Pipeline:
             out[i] = Outcome({"status": 200, "png": base64.b64encode(png).decode(), "kind": kind,
                               "model": self.info, "worker": self.worker, "batch_size": len(ok),
                               "timings": self._timings(jobs[i], started, model_ms=model_ms)})
-
-
-def _face_dict(pred: Any) -> dict[str, Any]:
-    return {"box": pred.box, "landmarks": pred.landmarks, "score": pred.score,
-            "expression": {"label": pred.label, "confidence": pred.confidence,
-                           "probabilities": pred.probabilities},
-            "pose": pred.pose}
 
 
 def largest_face(faces: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -231,8 +231,8 @@ class RedisQueue:
         return jobs
 
     async def read(self, consumer: str, limit: int, timeout: float | None) -> list[QueuedJob]:
-        """Up to `limit` new jobs, waiting up to `timeout` s for the first (None: 1 s
-        slices are the caller's business, here it means 1 s; 0: no wait)."""
+        """Up to `limit` new jobs, waiting up to `timeout` s for the first (0: do not
+        wait; None: 1 s, so a caller looping on this notices shutdown)."""
         block = None if timeout == 0 else max(1, int((1.0 if timeout is None else timeout) * 1000))
         for attempt in range(2):
             try:

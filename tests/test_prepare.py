@@ -23,7 +23,7 @@ def tree(shared_dir, tmp_path_factory):
     src = samples.data_dir(shared_dir)
     base = tmp_path_factory.mktemp("prep")
     data = base / "data"
-    samples.make_ckplus(src, data, subjects=3)
+    samples.make_ckplus(src, data, subjects=2)
     samples.make_muxspace(src, data)
     blank = data / "blank" / "neutral"
     blank.mkdir(parents=True)
@@ -35,7 +35,7 @@ def tree(shared_dir, tmp_path_factory):
 def _run(tree: Path, cache: str, *extra: str) -> int:
     return cli(["prepare", "--data-root", str(tree / "data"), "--datasets", "ckplus,muxspace",
                 "--generic", f"blank={tree / 'data' / 'blank'}", "--cache-dir", str(tree / cache),
-                "--manifest-dir", str(tree / "manifests"), *extra])
+                "--manifest-dir", str(tree / "manifests"), "--workers", "1", *extra])
 
 
 class CountingWorker(prepare.FaceWorker):
@@ -169,11 +169,13 @@ def test_face_dataset_items_and_flip(first_run):
 
 
 def test_chunking_does_not_change_the_cache(first_run, tree):
-    """A fresh cache built in one chunk holds the same faces, poses and descriptors."""
+    """A fresh cache built by 2 worker processes in other chunks holds the same faces,
+    poses and descriptors."""
     cache, _ = first_run
     assert cli(["prepare", "--data-root", str(tree / "data"), "--datasets", "ckplus",
                 "--cache-dir", str(tree / "cache_one"), "--manifest-dir", str(tree / "manifests"),
-                "--use-manifests"]) == 0
+                "--use-manifests", "--workers", "2", "--chunk", "5"]) == 0
+    assert len(list((tree / "cache_one" / "ckplus" / "chunks").glob("features_*.npz"))) > 2
     a = np.load(cache / "ckplus" / "meta.npz")
     b = np.load(tree / "cache_one" / "ckplus" / "meta.npz")
     assert a["path"].tolist() == b["path"].tolist()

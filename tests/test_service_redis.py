@@ -150,6 +150,7 @@ def test_two_workers_share_the_load(cluster, shared_dir):
     assert max(r.json()["batch_size"] for r in rs) > 1
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 def test_malformed_inputs_get_4xx_and_workers_stay_up(cluster):
     async def go():
         async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as c:
