@@ -3,10 +3,8 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-HOST   ?= 127.0.0.1
-PORT   ?= 8000
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test clean
 
 install: $(STAMP)
 
@@ -17,8 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps facenet-pytorch==2.6.0
 	touch $(STAMP)
 
+# Settings come from the environment (IPDFER_PORT, REDIS_URL, ...; see README).
 serve: $(STAMP)
-	$(VENV)/bin/ipdfer serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/ipdfer serve $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

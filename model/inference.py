@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ class Analyzer:
         self.image_size = weights.config.image_size
         self.pipeline = pipeline or facelib.FacePipeline(size=self.image_size, device=str(self.device))
         self._identity = None   # the dlib port loads on the first neutral request
+        self.last_timings: dict[str, float] = {}  # seconds spent by the last analyze()
         # Half precision on CUDA; CPU stays fp32 (fp16 is slower there).
         self._autocast = (torch.autocast("cuda", dtype=torch.float16)
                           if self.device.type == "cuda" else nullcontext())
@@ -153,6 +155,7 @@ class Analyzer:
         raised. A failing image never fails its neighbours."""
         n = len(images)
         assert len(aligned) == len(max_faces) == len(neutral) == n
+        t0 = time.perf_counter()
         faces: list[list[facelib.Face] | Exception] = [[] for _ in range(n)]
         for flag in (False, True):  # detection runs batched over the non-aligned images
             idx = [i for i in range(n) if aligned[i] == flag]
@@ -163,6 +166,8 @@ class Analyzer:
         flat = [(i, f) for i, fs in enumerate(faces) if not isinstance(fs, Exception) for f in fs]
         results: list[list[FacePrediction] | Exception] = [
             fs if isinstance(fs, Exception) else [] for fs in faces]
+        t1 = time.perf_counter()
+        self.last_timings = {"detect_s": t1 - t0, "model_s": 0.0}
         if not flat:
             return results
         enc = self._encode([f.aligned for _, f in flat])
@@ -186,6 +191,7 @@ class Analyzer:
                 label=EXPRESSIONS[top], confidence=round(float(probs[k, top]), 5),
                 pose={a: round(float(v), 2) for a, v in zip(("yaw", "pitch", "roll"), poses[k])},
                 state=states[k], neutral_png=renders.get(k)))
+        self.last_timings["model_s"] = time.perf_counter() - t1
         return results
 
     def _process(self, images: list[np.ndarray], aligned: bool, max_faces: list[int | None]

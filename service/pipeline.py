@@ -70,25 +70,6 @@ def image_error_status(exc: BaseException) -> int | None:
     return None
 
 
-class _TimedFacePipeline:
-    """Wraps the analyzer's face pipeline (detect + align) to time it separately
-    from the encoders; everything else is delegated unchanged."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.elapsed = 0.0
-
-    def process(self, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return self.inner.process(*args, **kwargs)
-        finally:
-            self.elapsed += time.perf_counter() - t0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 class Pipeline:
     """Batch function over an Analyzer. Not thread-safe (nor is the Analyzer):
     one batching loop owns one Pipeline."""
@@ -100,10 +81,6 @@ class Pipeline:
         self.max_bytes = max_bytes
         self.min_side = min_side
         self.worker = worker
-        self._timer = None
-        if hasattr(analyzer, "pipeline"):
-            self._timer = _TimedFacePipeline(analyzer.pipeline)
-            analyzer.pipeline = self._timer
         self.info = dict(analyzer.info)
 
     @classmethod
@@ -166,14 +143,12 @@ class Pipeline:
             ok.append(i)
         if not ok:
             return
-        if self._timer:
-            self._timer.elapsed = 0.0
         t0 = time.perf_counter()
         results = self.analyzer.analyze(images, aligned=[jobs[i].aligned for i in ok],
                                         max_faces=[jobs[i].max_faces for i in ok],
                                         neutral=[jobs[i].neutral for i in ok])
         batch_ms = (time.perf_counter() - t0) * 1000
-        detect_ms = self._timer.elapsed * 1000 if self._timer else 0.0
+        detect_ms = getattr(self.analyzer, "last_timings", {}).get("detect_s", 0.0) * 1000
         if len(results) != len(ok):
             raise RuntimeError(f"analyze returned {len(results)} results for {len(ok)} images")
         for i, img, res in zip(ok, images, results):
