@@ -71,7 +71,7 @@ SMALL_MIN_FACE = 40      # MTCNN min_face_size for upscaled small crops
 RETRY_PAD = 8            # px of replicated border for the second try on small crops
 SOURCE_DETECTED, SOURCE_PADDED, SOURCE_FALLBACK = 0, 1, 2
 PROGRESS_STEP = 256      # images per detect + encode step inside a chunk
-FEATURE_VERSION = 1      # bump when detection / identity computation changes
+FEATURE_VERSION = 1      # bump when detection / identity code changes (settings are fingerprinted)
 POSE_VERSION = 1         # bump when model/pose.py changes (pose is recomputed at assembly)
 
 
@@ -84,7 +84,7 @@ class FaceWorker:
     """Detection + alignment + pose + identity for batches of RGB images."""
     device: str = "cpu"
     detect_batch: int = 64
-    identity_batch: int = 64     # per-image cost falls with batch size on CPU (measured 32 -> 64: ~-30%)
+    identity_batch: int = 64     # per-image CPU cost measured lower at 64 than at 32
 
     def __post_init__(self) -> None:
         import torch
@@ -196,6 +196,29 @@ def align_all(images: list[np.ndarray], landmarks: np.ndarray, size: int) -> np.
         if images else np.zeros((0, size, size), np.uint8)
 
 
+def feature_fingerprint() -> str:
+    """Short hash of everything the cached features depend on: FEATURE_VERSION, the
+    detector's settings (FaceDetector defaults + ours) and the chip geometry. Cached
+    chunks carry it in their file name, so a changed face pipeline setting (e.g. a
+    new detector border) makes prepare recompute instead of mixing old and new."""
+    import inspect
+
+    from model import face
+    defaults = {k: repr(v.default) for k, v in inspect.signature(face.FaceDetector.__init__).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+    spec = {"version": FEATURE_VERSION, "detector_defaults": defaults,
+            "ours": [SMALL_SIDE, SMALL_MIN_FACE, RETRY_PAD],
+            "chip": np.round(face.DLIB_CHIP_LANDMARKS, 6).tolist()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def faces_fingerprint(size: int) -> str:
+    """Aligned faces depend on the features and on the alignment template."""
+    from model import face
+    spec = [feature_fingerprint(), size, np.round(face.CANONICAL_LANDMARKS, 6).tolist()]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:10]
+
+
 # ---------------------------------------------------------------------------
 # 2. Chunk store (keyed by content hash, atomic files)
 # ---------------------------------------------------------------------------
@@ -271,8 +294,8 @@ def process_block(block: list[ds.Row], root: Path, chunk_dir: Path, size: int, h
     """Features (where missing) and aligned faces for one block of rows, written as one
     chunk file each (named after the block's first hash). Returns how many were detected."""
     images = [ds.ImageReader(root)(r.path) for r in block]  # one reader per block (CSV cache)
-    feats = ChunkStore(chunk_dir, f"features_v{FEATURE_VERSION}", clean=False)
-    faces = ChunkStore(chunk_dir, f"faces{size}", clean=False)
+    feats = ChunkStore(chunk_dir, f"features_{feature_fingerprint()}", clean=False)
+    faces = ChunkStore(chunk_dir, f"faces{size}_{faces_fingerprint(size)}", clean=False)
     sha = np.array([r.sha256 for r in block])
     tag = block[0].sha256[:16]
     need = [i for i, r in enumerate(block) if r.sha256 not in have_feat]
@@ -325,8 +348,8 @@ def prepare_dataset(name: str, rows: list[ds.Row], root: Path, cache: Path, size
     keys = [r.sha256 for r in rows]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{name}: manifest has repeated content hashes (dedup first)")
-    feats = ChunkStore(out_dir / "chunks", f"features_v{FEATURE_VERSION}")
-    faces = ChunkStore(out_dir / "chunks", f"faces{size}")
+    feats = ChunkStore(out_dir / "chunks", f"features_{feature_fingerprint()}")
+    faces = ChunkStore(out_dir / "chunks", f"faces{size}_{faces_fingerprint(size)}")
     have_feat, have_face = feats.keys(), faces.keys()
     todo = [r for r in rows if r.sha256 not in have_feat or r.sha256 not in have_face]
     stats = {"images": len(rows), "processed": len(todo), "detected_now": 0}
@@ -357,8 +380,17 @@ def prepare_dataset(name: str, rows: list[ds.Row], root: Path, cache: Path, size
     stats["work_s"] = round(time.time() - t0, 1)
     assemble(name, rows, out_dir, size, ChunkStore(out_dir / "chunks", feats.prefix),
              ChunkStore(out_dir / "chunks", faces.prefix), log, manifest_path)
+    _prune(out_dir / "chunks", ("features_", feats.prefix), (f"faces{size}_", faces.prefix))
     stats["total_s"] = round(time.time() - t0, 1)
     return stats
+
+
+def _prune(folder: Path, *kinds: tuple[str, str]) -> None:
+    """Delete chunks of an older fingerprint (another face-pipeline setting)."""
+    for family, current in kinds:
+        for f in folder.glob(f"{family}*.npz"):
+            if not f.name.startswith(current + "_"):
+                f.unlink()
 
 
 def assemble(name: str, rows: list[ds.Row], out_dir: Path, size: int, feats: ChunkStore,
@@ -372,7 +404,7 @@ def assemble(name: str, rows: list[ds.Row], out_dir: Path, size: int, feats: Chu
     face_files = [f.name for f in faces.files()]
     chunks = index.get("chunks", {})
     same_rows = (index.get("manifest_sha256") == digest
-                 and index.get("feature_version") == FEATURE_VERSION)
+                 and index.get("features") == feats.prefix)
     same_pose = index.get("pose_version") == POSE_VERSION
     sizes = set(index.get("sizes", [])) if same_rows else set()
     if not same_rows:  # faces of other sizes are in the old order: stale
@@ -409,7 +441,7 @@ def assemble(name: str, rows: list[ds.Row], out_dir: Path, size: int, feats: Chu
         start += counts.get(s, 0)
     index_path.write_text(json.dumps({
         "dataset": name, "manifest": manifest, "n": len(rows), "splits": ranges, "sizes": sorted(sizes | {size}),
-        "manifest_sha256": digest, "feature_version": FEATURE_VERSION, "pose_version": POSE_VERSION,
+        "manifest_sha256": digest, "features": feats.prefix, "pose_version": POSE_VERSION,
         "chunks": {**chunks, "features": feat_files, f"faces{size}": face_files},
     }, indent=1) + "\n")
     log(f"{name}: cache assembled in {out_dir} ({len(rows)} faces, {size}px)")

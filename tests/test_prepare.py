@@ -125,7 +125,7 @@ def test_resume_after_interruption(first_run, tree, monkeypatch):
         lost = len(z["sha256"])
     last_feat.unlink()
     last_face.unlink()
-    (chunks / "features_v1_00009.tmp.npz").write_bytes(b"half-written")
+    (chunks / (last_feat.stem + "x.tmp.npz")).write_bytes(b"half-written")
     monkeypatch.setattr(prepare, "FaceWorker", CountingWorker)
     CountingWorker.calls = []
     assert _run(tree, "cache_resume", "--chunk", "8") == 0
