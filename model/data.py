@@ -22,11 +22,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["FaceSet", "load_split", "FaceDataset", "default_cache_dir", "flip_pose", "smoke_dataset"]
+__all__ = ["FaceSet", "load_split", "FaceDataset", "cache_root", "default_cache_dir", "flip_pose", "smoke_dataset"]
+
+
+def cache_root() -> Path:
+    """Root of everything this project caches (data, runs): env IPDFER_CACHE."""
+    return Path(os.environ.get("IPDFER_CACHE", Path.home() / ".cache" / "ipdfer"))
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("IPDFER_CACHE", Path.home() / ".cache" / "ipdfer" / "data"))
+    return cache_root() / "data"
 
 
 @dataclass

@@ -58,12 +58,13 @@ from pathlib import Path
 import numpy as np
 
 from model import datasets as ds
+from model.data import default_cache_dir
 from model.labels import EXPRESSIONS
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST_DIR = REPO / "model" / "manifests"
 DEFAULT_DATA_ROOT = Path(os.environ.get("IPDFER_DATA", REPO.parent / "shared" / "data"))
-DEFAULT_CACHE = Path(os.environ.get("IPDFER_CACHE", Path.home() / ".cache" / "ipdfer" / "data"))
+DEFAULT_CACHE = default_cache_dir()
 DEFAULT_DATASETS = ("fer2013", "ckplus", "muxspace")
 
 SMALL_SIDE = 96          # below this the pipeline upscales 3x
@@ -382,6 +383,11 @@ def prepare_dataset(name: str, rows: list[ds.Row], root: Path, cache: Path, size
              ChunkStore(out_dir / "chunks", faces.prefix), log, manifest_path)
     _prune(out_dir / "chunks", ("features_", feats.prefix), (f"faces{size}_", faces.prefix))
     stats["total_s"] = round(time.time() - t0, 1)
+    if todo:  # keep the cost of the last run that did work (reruns report ~0 s)
+        index = json.loads((out_dir / "index.json").read_text())
+        index["last_build"] = {**stats, "size": size, "workers": workers, "threads": threads,
+                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (out_dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     return stats
 
 
@@ -489,6 +495,9 @@ def build_report(names: list[str], cache: Path, manifests: dict[str, ds.Manifest
                 for k, v in zip(("yaw", "pitch", "roll"), ok.T)}
         if name in manifests:
             entry["dropped"] = manifests[name].drop_counts()
+        index = json.loads((cache / name / "index.json").read_text())
+        if "last_build" in index:
+            entry["last_build"] = index["last_build"]
         report["datasets"][name] = entry
     return report
 
@@ -523,6 +532,10 @@ def _markdown(report: dict) -> str:
              "![pose histograms](pose_hist.png)", ""]
     for name, e in report["datasets"].items():
         lines += [f"## {name}", "", f"{e['images']} images, fallback rate {e['fallback_rate']:.1%}.", ""]
+        if e.get("last_build"):
+            b = e["last_build"]
+            lines += [f"Last build that did work: {b['processed']} images in {b['work_s']} s "
+                      f"({b['workers']} processes x {b['threads']} threads, finished {b['finished']}).", ""]
         if e.get("dropped"):
             lines += ["Dropped while building the manifest: "
                       + ", ".join(f"{k} {v}" for k, v in e["dropped"].items()) + ".", ""]
@@ -560,7 +573,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a <PATH>/<label>/*.jpg folder to prepare as dataset NAME")
     p.add_argument("--size", type=int, default=64, help="aligned face side in pixels (default 64)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
-                   help="where the face cache goes (default %(default)s; env IPDFER_CACHE)")
+                   help="where the face cache goes (default %(default)s; env IPDFER_CACHE/data)")
     p.add_argument("--manifest-dir", type=Path, default=MANIFEST_DIR,
                    help="where manifests are written (default: model/manifests in the repo)")
     p.add_argument("--use-manifests", action="store_true",

@@ -24,10 +24,11 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from model.config import TrainConfig, load_train_config, to_dict
+from model.data import cache_root
 from model.losses import GeneratorObjective, IdentityLoss, hinge_d_loss
 from model.networks import IPDFER, Discriminator
 
-DEFAULT_RUNS = Path(os.environ.get("IPDFER_CACHE", Path.home() / ".cache" / "ipdfer")) / "runs"
+DEFAULT_RUNS = cache_root() / "runs"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
