@@ -28,6 +28,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate(proc: _subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM (graceful shutdown), then SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+    except _subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class RedisProcess:
     def __init__(self, port: int) -> None:
         self.port = port

@@ -14,14 +14,13 @@ import uuid
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
 from service.queue import RedisQueue
 from service.server import create_app
 from service.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import free_port, terminate
 from tests.test_service_api import (
     assert_valid_prediction, astronaut, encode, malformed_corpus, muxspace_jpegs,
 )
@@ -79,15 +78,11 @@ class Cluster:
         raise AssertionError(f"not ready after {timeout} s: {body}")
 
     def stop(self) -> None:
-        for p in self.procs.values():
+        for p in self.procs.values():  # signal all first: they shut down in parallel
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in self.procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            terminate(p)
 
 
 @pytest.fixture(scope="module")

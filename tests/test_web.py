@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from model.labels import EXPRESSIONS
-from tests.conftest import free_port
+from tests.conftest import free_port, terminate
 from tests.test_service_api import astronaut, encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,12 +74,7 @@ def web_url(tmp_path_factory):
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
 
 @pytest.fixture(scope="module")
