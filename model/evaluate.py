@@ -34,6 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="evaluate at most N faces per split")
 
 
+def labeled_subset(labels: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of labeled faces; with `limit`, a fixed random subset (splits are
+    stored sorted by class, so the first N would be one class)."""
+    keep = np.flatnonzero(labels >= 0)
+    if limit and limit < len(keep):
+        keep = np.sort(np.random.default_rng(seed).choice(keep, limit, replace=False))
+    return keep
+
+
 def to_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(images)).float().div(127.5).sub(1).unsqueeze(1)
 
@@ -94,7 +103,7 @@ def render_grid(model: IPDFER, faces: datalib.FaceSet, idx: np.ndarray, path: Pa
     identity = torch.from_numpy(np.asarray(faces.identity[idx])).float()
     recon, neutral, residue = model.residue(identity, o["pose_feat"], o["exp"])
     cols = [("input", x), ("neutral render", neutral), ("reconstruction", recon), ("residue", residue)]
-    fig, axes = plt.subplots(len(idx), 4, figsize=(6, 1.6 * len(idx)))
+    fig, axes = plt.subplots(len(idx), 4, figsize=(6, 1.6 * len(idx)), squeeze=False)
     for r in range(len(idx)):
         for c, (name, t) in enumerate(cols):
             ax = axes[r, c]
@@ -131,7 +140,7 @@ def probes(model: IPDFER, cache_dir: Path | None, limit: int | None) -> dict:
                              "from_E_pose": linear_probe(enc["pose_feat"], ids),
                              "from_E_id": linear_probe(np.asarray(mux.identity[keep]), ids)}
     fer = datalib.load_split("fer2013", "test", size=model.cfg.image_size, cache_dir=cache_dir)
-    sel = np.flatnonzero(fer.labels >= 0)[:limit or 4000]
+    sel = labeled_subset(fer.labels, limit or 4000)
     enc = encode_all(model, fer.images[sel], tta=False)
     y = fer.labels[sel]
     out["expression_probe"] = {"faces": int(len(sel)), "majority": round(float(np.bincount(y).max() / len(y)), 4),
@@ -170,11 +179,11 @@ def run(args: argparse.Namespace) -> int:
     for name in args.split or ["fer2013:test", "ckplus:test"]:
         dataset, split = name.split(":")
         faces = datalib.load_split(dataset, split, size=model.cfg.image_size, cache_dir=args.data_cache)
-        keep = np.flatnonzero(faces.labels >= 0)[:args.limit]
+        keep = labeled_subset(faces.labels, args.limit)
         enc = encode_all(model, faces.images[keep])
         rep = classification_report(faces.labels[keep], enc["probs"])
         rep["pose_mae_deg"] = dict(zip(("yaw", "pitch", "roll"),
-                                       np.round(np.abs(enc["pose"] - faces.pose[keep]).mean(0), 2).tolist()))
+                                       np.round(np.abs(enc["pose"] - faces.pose[keep]).mean(0).astype(float), 2).tolist()))
         tag = name.replace(":", "_")
         plot_confusion(rep["confusion_matrix"], f"{name}  acc {rep['accuracy']:.3f}", args.out / f"confusion_{tag}.png")
         rng = np.random.default_rng(0)
@@ -183,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
         render_grid(model, faces, keep[np.array(per)], args.out / f"grid_{tag}.png")
         if args.reference:
             judge = load_weights(args.reference).model.eval()
-            expressive = keep[faces.labels[keep] != NEUTRAL][:1000]
+            expressive = keep[faces.labels[keep] != NEUTRAL]
+            expressive = expressive[labeled_subset(faces.labels[expressive], 1000)]
             rep["neutral_render"] = neutral_render_checks(model, judge, faces, expressive)
         report["splits"][name] = rep
         print(json.dumps({name: {k: rep[k] for k in ("n", "accuracy", "mean_class_accuracy", "macro_f1",
