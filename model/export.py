@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS_DIR, help="weights folder")
     p.add_argument("--version", default="0.1.0")
     p.add_argument("--metrics", type=Path, help="metrics.json from ipdfer evaluate to record")
+    p.add_argument("--source", choices=("ema", "model"), default="ema",
+                   help="which weights of the checkpoint to ship: the EMA copy (default) or the raw model")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
         ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         cfg = from_dict(TrainConfig, ckpt["train_config"])
         model = IPDFER(cfg.model)
-        model.load_state_dict(ckpt["ema"])  # the shipped model is the EMA copy
+        model.load_state_dict(ckpt[args.source])  # normally the EMA copy
         trained = True
-        extra["training"] = {"config": ckpt["train_config"], "step": ckpt["step"],
-                             "epoch": ckpt["epoch"], "data": ckpt.get("data")}
+        extra["training"] = {"config": ckpt["train_config"], "step": ckpt["step"], "epoch": ckpt["epoch"],
+                             "data": ckpt.get("data"), "weights_source": args.source}
     if args.metrics:
         extra["metrics"] = json.loads(args.metrics.read_text())
     manifest = save_weights(model.eval(), args.out, version=args.version, trained=trained, extra=extra)

@@ -68,17 +68,22 @@ def seed_everything(seed: int) -> None:
 
 
 class EMA:
-    """Exponential moving average of a model's parameters and buffers."""
+    """Exponential moving average of a model's parameters and buffers. The decay
+    warms up as min(decay, (1 + n) / (10 + n)) over the n updates so far: with a
+    fixed 0.999, a 1,000-step run would still be ~37% random initialisation."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for e, p in zip(self.model.state_dict().values(), model.state_dict().values()):
             if e.is_floating_point():
-                e.lerp_(p, 1 - self.decay)
+                e.lerp_(p, 1 - decay)
             else:
                 e.copy_(p)
 
@@ -167,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         sched.load_state_dict(ckpt["sched"])
         sched._schedule_phases, sched.total_steps = phases, n_total
         scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
+        step = ema.updates = ckpt["step"]
         torch.set_rng_state(ckpt["rng_cpu"])
         if main_process:
             print(f"resumed from {ckpt_path} at step {step}")

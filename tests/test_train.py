@@ -60,3 +60,15 @@ def test_tampered_weights_are_refused(smoke_run, tmp_path):
         f.write(b"\0")
     with pytest.raises(ValueError, match="does not match the manifest"):
         load_weights(out)
+
+
+def test_ema_warms_up_so_short_runs_are_not_mostly_initialisation():
+    from model.train import EMA
+    model = torch.nn.Linear(2, 2, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.999)
+    torch.nn.init.ones_(model.weight)
+    for _ in range(100):
+        ema.update(model)
+    # a fixed 0.999 would leave 0.999**100 = 90% of the zero initialisation
+    assert ema.model.weight.min() > 0.9
