@@ -18,6 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from model import data as datalib
+from model import face as facelib
 from model.labels import EXPRESSIONS, NEUTRAL
 from model.networks import IPDFER
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
@@ -44,21 +45,23 @@ def labeled_subset(labels: np.ndarray, limit: int | None, seed: int = 0) -> np.n
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(images)).float().div(127.5).sub(1).unsqueeze(1)
+    """uint8 (N,S,S) faces (a memmap slice is fine) -> the model's input."""
+    return facelib.to_model_input(np.asarray(images))
 
 
 @torch.inference_mode()
-def encode_all(model: IPDFER, images: np.ndarray, batch: int = 256, tta: bool = True) -> dict[str, np.ndarray]:
+def encode_all(model: IPDFER, images: np.ndarray, batch: int = 256, tta: bool = True,
+               device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Probabilities (flip-averaged), pose and features for uint8 (N,S,S) faces."""
     outs: dict[str, list] = {"probs": [], "pose": [], "exp": [], "pose_feat": []}
     for s in range(0, len(images), batch):
-        x = to_input(images[s:s + batch])
+        x = to_input(images[s:s + batch]).to(device)
         o = model.encode(x)
         probs = o["logits"].softmax(1)
         if tta:
             probs = (probs + model.encode(x.flip(3))["logits"].softmax(1)) / 2
         for k, v in (("probs", probs), ("pose", o["pose"]), ("exp", o["exp"]), ("pose_feat", o["pose_feat"])):
-            outs[k].append(v.numpy())
+            outs[k].append(v.float().cpu().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 

@@ -266,18 +266,15 @@ def run(args: argparse.Namespace) -> int:
 
 @torch.no_grad()
 def validate(model: IPDFER, cfg: TrainConfig, device: torch.device, cache_dir: Path | None) -> dict:
-    """Accuracy of the (EMA) expression classifier on each validation set, with flip TTA."""
+    """Accuracy of the (EMA) expression classifier on each validation set, with
+    flip TTA: the same encoding path as `ipdfer evaluate`."""
     from model import data as datalib
+    from model.evaluate import encode_all, labeled_subset
     model.eval()
     out = {}
     for name in cfg.val_sets:
         faces = datalib.load_split(*name.split(":"), size=cfg.model.image_size, cache_dir=cache_dir)
-        keep = np.flatnonzero(faces.labels >= 0)
-        correct = 0
-        for s in range(0, len(keep), 256):
-            idx = keep[s:s + 256]
-            x = torch.from_numpy(np.asarray(faces.images[idx])).float().div(127.5).sub(1).unsqueeze(1).to(device)
-            logits = model.encode(x)["logits"].softmax(1) + model.encode(x.flip(3))["logits"].softmax(1)
-            correct += int((logits.argmax(1).cpu() == torch.from_numpy(faces.labels[idx])).sum())
-        out[f"{name}:acc"] = round(correct / max(len(keep), 1), 4)
+        keep = labeled_subset(faces.labels, None)
+        probs = encode_all(model, faces.images[keep], device=device)["probs"] if len(keep) else np.zeros((0, 1))
+        out[f"{name}:acc"] = round(float((probs.argmax(1) == faces.labels[keep]).mean()) if len(keep) else 0.0, 4)
     return out
