@@ -61,7 +61,7 @@ class TrainConfig:
     ablation: bool = False       # True: E_exp + classifier alone (no G, D, residue)
     seed: int = 0
     num_workers: int = 2
-    amp: bool = True             # CUDA only
+    amp: bool = True             # fp16 on CUDA, bf16 on CPUs with native bf16
     checkpoint_every: int = 500  # steps
     log_every: int = 50
     max_steps: int | None = None  # cut the run short (smoke tests)

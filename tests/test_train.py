@@ -72,3 +72,34 @@ def test_ema_warms_up_so_short_runs_are_not_mostly_initialisation():
         ema.update(model)
     # a fixed 0.999 would leave 0.999**100 = 90% of the zero initialisation
     assert ema.model.weight.min() > 0.9
+
+
+def test_init_starts_a_new_run_from_exported_weights(smoke_run, shared_dir, tmp_path):
+    parent = tmp_path / "parent"
+    assert main(["export", "--checkpoint", str(smoke_run / "last.pt"), "--out", str(parent),
+                 "--version", "9.9.9"]) == 0
+    run_dir = tmp_path / "child"
+    assert main(["train", "--smoke", "--max-steps", "1", "--init", str(parent), "--run-dir", str(run_dir),
+                 "--shared-dir", str(shared_dir)]) == 0
+    ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["data"]["init"]["version"] == "9.9.9"
+    assert ckpt["data"]["init"]["sha256"] == load_weights(parent).manifest["sha256"]
+    # one step from the parent stays near it; a random start would be far away
+    start = load_weights(parent).model.state_dict()
+    w = "exp_encoder.stages.0.conv1.weight"
+    assert (ckpt["model"][w] - start[w]).abs().max() < 0.05 * start[w].abs().max()
+
+
+def test_init_refuses_weights_of_another_architecture(smoke_run, shared_dir, tmp_path):
+    parent = tmp_path / "parent"
+    main(["export", "--checkpoint", str(smoke_run / "last.pt"), "--out", str(parent)])
+    with pytest.raises(ValueError, match="different architecture"):
+        main(["train", "--smoke", "--max-steps", "1", "--image-size", "32", "--init", str(parent),
+              "--run-dir", str(tmp_path / "child"), "--shared-dir", str(shared_dir)])
+
+
+def test_mixed_precision_dtype_follows_the_device():
+    from model.train import autocast_dtype
+    assert autocast_dtype(torch.device("cuda")) == torch.float16
+    cpu = autocast_dtype(torch.device("cpu"))
+    assert cpu == (torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None)
