@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import csv
 import json
 import math
@@ -221,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
     log_path = run_dir / "log.csv"
     log_file = open(log_path, "a", newline="") if main_process else None
     writer = None
+    window: dict[str, list[float]] = {}
     bar = tqdm(total=total_steps, initial=step, disable=not main_process, desc="train", dynamic_ncols=True)
     start_epoch = step // max(steps_per_epoch, 1)
     skip = step % max(steps_per_epoch, 1)   # batches of the interrupted epoch already seen
@@ -264,15 +266,22 @@ def run(args: argparse.Namespace) -> int:
             sched.step()
             ema.update(model)
             step += 1
-            # 5c. log and checkpoint
+            # 5c. log window means (terms computed only on some steps average over those steps)
+            terms["loss"] = float(loss_g.detach())
+            for k, v in terms.items():
+                window.setdefault(k, []).append(v)
             if main_process:
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == total_steps:
+                    means = {k: sum(v) / len(v) for k, v in window.items()}
+                    window.clear()
                     row = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                           "loss": float(loss_g.detach()), "sec": round(time.time() - t0, 1), **terms}
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", exp=f"{terms['expression']:.3f}")
+                           "sec": round(time.time() - t0, 1), **means}
+                    bar.set_postfix(loss=f"{means['loss']:.3f}", exp=f"{means['expression']:.3f}")
                     if writer is None:
-                        writer = csv.DictWriter(log_file, fieldnames=list(row) + ["disc"], extrasaction="ignore")
+                        terms_all = [f.name for f in dataclasses.fields(cfg.loss) if f.name != "label_smoothing"]
+                        writer = csv.DictWriter(log_file, fieldnames=list(row)[:4] + ["loss"] + terms_all + ["disc"],
+                                                extrasaction="ignore")
                         if log_file.tell() == 0:
                             writer.writeheader()
                     writer.writerow(row), log_file.flush()

@@ -22,8 +22,12 @@ def test_smoke_run_writes_config_log_and_checkpoint(smoke_run):
     assert cfg["model"]["image_size"] == 64
     rows = (smoke_run / "log.csv").read_text().strip().splitlines()
     header = rows[0].split(",")
-    for term in ("expression", "pose", "reconstruction", "residue_class", "neutral_class"):
+    for term in ("expression", "pose", "reconstruction", "residue_class", "neutral_class",
+                 "neutral_identity", "adversarial", "disc"):
         assert term in header
+    # terms computed only on some steps (identity every 2nd step in --smoke) still reach the log
+    col = header.index("neutral_identity")
+    assert any(r.split(",")[col] for r in rows[1:]), "identity loss never logged"
     ckpt = torch.load(smoke_run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 3
     losses = [float(r.split(",")[header.index("loss")]) for r in rows[1:]]
