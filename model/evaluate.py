@@ -128,6 +128,11 @@ def linear_probe(features: np.ndarray, targets: np.ndarray, seed: int = 0) -> fl
     return round(float(cross_val_score(probe, features, targets, cv=folds).mean()), 4)
 
 
+def _pixels(images: np.ndarray) -> np.ndarray:
+    """Every 4th pixel of each face (1,024 values at 64 px) as a probe baseline."""
+    return np.asarray(images, np.float32).reshape(len(images), -1)[:, ::4]
+
+
 def probes(model: IPDFER, cache_dir: Path | None, limit: int | None) -> dict:
     """Disentanglement: identity from E_exp vs from E_id (muxspace test people
     with 5+ images, unseen in training); expression from E_pose and E_id."""
@@ -141,7 +146,9 @@ def probes(model: IPDFER, cache_dir: Path | None, limit: int | None) -> dict:
                              "chance": round(float(np.bincount(ids).max() / len(ids)), 4),
                              "from_E_exp": linear_probe(enc["exp"], ids),
                              "from_E_pose": linear_probe(enc["pose_feat"], ids),
-                             "from_E_id": linear_probe(np.asarray(mux.identity[keep]), ids)}
+                             "from_E_id": linear_probe(np.asarray(mux.identity[keep]), ids),
+                             # context: the same people share sessions, so pixels alone say a lot
+                             "from_pixels": linear_probe(_pixels(mux.images[keep]), ids)}
     fer = datalib.load_split("fer2013", "test", size=model.cfg.image_size, cache_dir=cache_dir)
     sel = labeled_subset(fer.labels, limit or 4000)
     enc = encode_all(model, fer.images[sel], tta=False)
@@ -149,7 +156,8 @@ def probes(model: IPDFER, cache_dir: Path | None, limit: int | None) -> dict:
     out["expression_probe"] = {"faces": int(len(sel)), "majority": round(float(np.bincount(y).max() / len(y)), 4),
                                "from_E_pose": linear_probe(enc["pose_feat"], y),
                                "from_E_id": linear_probe(np.asarray(fer.identity[sel]), y),
-                               "from_E_exp": linear_probe(enc["exp"], y)}
+                               "from_E_exp": linear_probe(enc["exp"], y),
+                               "from_pixels": linear_probe(_pixels(fer.images[sel]), y)}
     return out
 
 
