@@ -14,6 +14,28 @@ from model.networks import IPDFER
 from model.weights import DEFAULT_WEIGHTS_DIR, save_weights
 
 
+TEST_SPLITS = ("fer2013:test", "ckplus:test", "muxspace:test")
+
+
+def split_hashes(names: list[str]) -> dict[str, dict]:
+    """sha256 of each "dataset:split"'s rows in the committed manifest (path,
+    label, subject, image sha256, split), so a manifest says exactly which
+    images trained and tested the weights. Unknown data sets are skipped."""
+    from model import datasets as ds
+    from model.prepare import MANIFEST_DIR, manifest_digest, ordered
+    out = {}
+    for name in dict.fromkeys(names):
+        dataset, split = name.split(":")
+        path = MANIFEST_DIR / f"{dataset}.csv"
+        if not path.is_file():
+            continue
+        rows = ordered(ds.read_manifest(path))
+        part = [r for r in rows if split == "all" or r.split == split]
+        out[name] = {"images": len(part), "sha256": manifest_digest(part),
+                     "manifest_sha256": manifest_digest(rows)}
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="checkpoint .pt written by ipdfer train")
@@ -38,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         model.load_state_dict(ckpt[args.source])  # normally the EMA copy
         trained = True
         extra["training"] = {"config": ckpt["train_config"], "step": ckpt["step"], "epoch": ckpt["epoch"],
-                             "data": ckpt.get("data"), "weights_source": args.source}
+                             "data": ckpt.get("data"), "weights_source": args.source,
+                             "split_hashes": split_hashes([*cfg.train_sets, *cfg.val_sets, *TEST_SPLITS])}
     if args.metrics:
         extra["metrics"] = json.loads(args.metrics.read_text())
     manifest = save_weights(model.eval(), args.out, version=args.version, trained=trained, extra=extra)

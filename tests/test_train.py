@@ -51,6 +51,12 @@ def test_export_then_load_for_inference(smoke_run, tmp_path):
     assert main(["export", "--checkpoint", str(smoke_run / "last.pt"), "--out", str(out)]) == 0
     loaded = load_weights(out)
     assert loaded.manifest["trained"] is True and loaded.manifest["training"]["step"] >= 3
+    # which images trained and test the weights: per-split hashes of the committed manifests
+    hashes = loaded.manifest["training"]["split_hashes"]
+    assert {"fer2013:train", "ckplus:train", "fer2013:test", "muxspace:test"} <= set(hashes)
+    assert hashes["fer2013:test"]["images"] == 3293 and len(hashes["fer2013:test"]["sha256"]) == 64
+    assert hashes["fer2013:test"]["sha256"] != hashes["fer2013:train"]["sha256"]
+    assert hashes["fer2013:test"]["manifest_sha256"] == hashes["fer2013:train"]["manifest_sha256"]
     assert (out / "ipdfer.pt").stat().st_size < 50 * 2**20
     x = torch.zeros(2, 1, 64, 64)
     probs = loaded.model.encode(x)["logits"].softmax(1)
