@@ -69,7 +69,9 @@ def main() -> None:
         nr = full["splits"][s].get("neutral_render")
         if nr:
             print(f"neutral renders of {nr['faces']} expressive {s} faces: judged neutral {pct(nr['judged_neutral'])} "
-                  f"(target 70%), dlib identity kept {pct(nr['identity_kept'])} (target 70%)")
+                  f"(target 70%), dlib identity kept {pct(nr['identity_kept'])} (target 70%); input expression "
+                  f"recoverable from the render {pct(nr.get('expression_probe_from_render'))} "
+                  f"(majority {pct(nr.get('majority'))})")
     if cross:
         c = cross["splits"]["ckplus:all"]
         print(f"cross-dataset: {cross['weights']['version']} (no CK+ in training) on all {c['n']} CK+ faces: "

@@ -168,17 +168,25 @@ def neutral_render_checks(model: IPDFER, judge: IPDFER, faces: datalib.FaceSet, 
     from model.identity import IDENTITY_THRESHOLD, load_identity_encoder
     from model.losses import IdentityLoss
     idloss = IdentityLoss(load_identity_encoder(), model.cfg.image_size)
-    neutral_votes, close = [], []
+    neutral_votes, close, judge_feats = [], [], []
     for s in range(0, len(idx), 64):
         b = idx[s:s + 64]
         x = to_input(faces.images[b])
         o = model.encode(x)
         render = model.render(torch.from_numpy(np.asarray(faces.identity[b])).float(), o["pose_feat"])
-        neutral_votes.append((judge.encode(render)["logits"].argmax(1) == NEUTRAL).numpy())
+        judged = judge.encode(render)
+        neutral_votes.append((judged["logits"].argmax(1) == NEUTRAL).numpy())
+        judge_feats.append(judged["exp"].numpy())
         d = (idloss.encoder(idloss.chips(render)) - idloss.encoder(idloss.chips(x))).norm(dim=1)
         close.append((d < IDENTITY_THRESHOLD).numpy())
+    # Does the input's expression leak into the render (e.g. through the identity
+    # descriptor, which carries some)? A probe on the judge's features of the renders.
+    y = faces.labels[idx]
+    counts = np.bincount(y)
+    leak = linear_probe(np.concatenate(judge_feats), y) if counts[counts > 0].min() >= 5 else None
     return {"faces": int(len(idx)), "judged_neutral": round(float(np.concatenate(neutral_votes).mean()), 4),
-            "identity_kept": round(float(np.concatenate(close).mean()), 4)}
+            "identity_kept": round(float(np.concatenate(close).mean()), 4),
+            "expression_probe_from_render": leak, "majority": round(float(counts.max() / len(y)), 4)}
 
 
 def run(args: argparse.Namespace) -> int:

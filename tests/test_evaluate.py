@@ -55,6 +55,8 @@ def test_evaluate_writes_consistent_metrics_and_plots(ck_cache, tmp_path):
     assert all(0 <= v < 30 for v in rep["pose_mae_deg"].values())
     nr = rep["neutral_render"]
     assert nr["faces"] > 0 and 0 <= nr["judged_neutral"] <= 1 and 0 <= nr["identity_kept"] <= 1
+    leak = nr["expression_probe_from_render"]
+    assert leak is None or 0 <= leak <= 1
     assert report["weights"]["sha256"] == json.loads(
         (evaluate.DEFAULT_WEIGHTS_DIR / "manifest.json").read_text())["sha256"]
     for png in ("confusion_ckplus_all.png", "grid_ckplus_all.png"):
