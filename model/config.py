@@ -59,6 +59,9 @@ class TrainConfig:
     identity_subset: int = 8     # ... on this many renders
     gan_start_step: int = 500    # adversarial terms start once G is past its blur phase
     ablation: bool = False       # True: E_exp + classifier alone (no G, D, residue)
+    # True: E_exp, E_pose and their heads stay as loaded (--init) and only G, the
+    # residue head and D train: a render-polishing stage that leaves predictions unchanged
+    freeze_encoders: bool = False
     seed: int = 0
     num_workers: int = 2
     amp: bool = True             # fp16 on CUDA, bf16 on CPUs with native bf16

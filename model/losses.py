@@ -63,10 +63,12 @@ class GeneratorObjective(nn.Module):
     batch: image (N,1,S,S) in [-1,1], label (N,) with -1 = unlabeled, pose (N,3)
     degrees, identity (N,128) = E_id of the real face (precomputed)."""
 
-    def __init__(self, weights: LossWeights, identity_loss: IdentityLoss | None = None):
+    def __init__(self, weights: LossWeights, identity_loss: IdentityLoss | None = None,
+                 identity_subset: int = 8):
         super().__init__()
         self.w = weights
         self.identity_loss = identity_loss
+        self.identity_subset = identity_subset
 
     def forward(self, model: IPDFER, batch: dict[str, torch.Tensor], *, discriminator: nn.Module | None,
                 use_identity: bool, ablation: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
@@ -107,7 +109,7 @@ class GeneratorObjective(nn.Module):
 
         # 5. same person: identity of the render (every few steps, on a subset: dlib is costly)
         if use_identity and self.identity_loss is not None:
-            k = min(8, x.shape[0])
+            k = min(self.identity_subset, x.shape[0])
             terms["neutral_identity"] = self.identity_loss(render[:k], x[:k])
 
         # 6. adversarial (D's parameters are frozen by the caller in this phase)

@@ -76,6 +76,11 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def frozen_parts(model: IPDFER) -> list[torch.nn.Module]:
+    """What `freeze_encoders` keeps fixed: everything that makes a prediction."""
+    return [model.exp_encoder, model.exp_head, model.pose_encoder, model.pose_head]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
@@ -177,8 +182,14 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.ablation and cfg.loss.neutral_identity > 0:
         from model.identity import load_identity_encoder
         identity_loss = IdentityLoss(load_identity_encoder(device=str(device)), cfg.model.image_size).to(device)
-    objective = GeneratorObjective(cfg.loss, identity_loss)
-    opt_g = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    objective = GeneratorObjective(cfg.loss, identity_loss, cfg.identity_subset)
+    if cfg.freeze_encoders:
+        if not args.init and not (run_dir / "last.pt").exists():
+            raise ValueError("freeze_encoders keeps the encoders as loaded: give --init WEIGHTS")
+        for m in frozen_parts(model):
+            m.requires_grad_(False)
+    opt_g = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                              weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.d_lr, betas=(0.0, 0.99))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt_g, max_lr=cfg.lr, total_steps=max(total_steps, 2),
                                                 pct_start=0.15)
@@ -243,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
             use_gan = not cfg.ablation and step >= cfg.gan_start_step and cfg.loss.adversarial > 0
             # 5a. G phase: encoders, heads, decoder (D frozen)
             disc.requires_grad_(False)
+            for m in frozen_parts(model) if cfg.freeze_encoders else ():
+                m.eval()  # BatchNorm statistics stay as loaded, dropout off
             with autocast():
                 loss_g, terms = objective(g_model.module if distributed else g_model, batch,
                                           discriminator=d_model if use_gan else None,

@@ -113,3 +113,24 @@ def test_mixed_precision_dtype_follows_the_device():
     assert autocast_dtype(torch.device("cuda")) == torch.float16
     cpu = autocast_dtype(torch.device("cpu"))
     assert cpu == (torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None)
+
+
+def test_freeze_encoders_trains_the_renderer_and_leaves_predictions_alone(smoke_run, shared_dir, tmp_path):
+    from model.config import TrainConfig, to_dict
+    parent = tmp_path / "parent"
+    assert main(["export", "--checkpoint", str(smoke_run / "last.pt"), "--out", str(parent)]) == 0
+    cfg = to_dict(TrainConfig())
+    cfg["freeze_encoders"] = True
+    (tmp_path / "polish.json").write_text(json.dumps(cfg))
+    run_dir = tmp_path / "polish"
+    with pytest.raises(ValueError, match="--init"):
+        main(["train", str(tmp_path / "polish.json"), "--smoke", "--run-dir", str(run_dir),
+              "--shared-dir", str(shared_dir)])
+    assert main(["train", str(tmp_path / "polish.json"), "--smoke", "--max-steps", "2", "--init", str(parent),
+                 "--run-dir", str(run_dir), "--shared-dir", str(shared_dir)]) == 0
+    start = load_weights(parent).model.state_dict()
+    after = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    for k in start:
+        if k.startswith(("exp_encoder.", "exp_head.", "pose_encoder.", "pose_head.")):
+            assert torch.equal(after[k].to(start[k].dtype), start[k]), f"{k} changed"  # BN statistics too
+    assert not torch.equal(after["decoder.fc.weight"], start["decoder.fc.weight"])
