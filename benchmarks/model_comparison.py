@@ -69,7 +69,9 @@ def main() -> None:
         nr = full["splits"][s].get("neutral_render")
         if nr:
             print(f"neutral renders of {nr['faces']} expressive {s} faces: judged neutral {pct(nr['judged_neutral'])} "
-                  f"(target 70%), dlib identity kept {pct(nr['identity_kept'])} (target 70%); input expression "
+                  f"(target 70%), dlib identity kept {pct(nr['identity_kept'])} (target 70%; another person's "
+                  f"face passes too: {pct(nr.get('identity_matches_another_person'))}, own face nearest of 64: "
+                  f"{pct(nr.get('identity_rank1_of_64'))}); input expression "
                   f"recoverable from the render {pct(nr.get('expression_probe_from_render'))} "
                   f"(majority {pct(nr.get('majority'))})")
     if cross:

@@ -168,7 +168,7 @@ def neutral_render_checks(model: IPDFER, judge: IPDFER, faces: datalib.FaceSet, 
     from model.identity import IDENTITY_THRESHOLD, load_identity_encoder
     from model.losses import IdentityLoss
     idloss = IdentityLoss(load_identity_encoder(), model.cfg.image_size)
-    neutral_votes, close, judge_feats = [], [], []
+    neutral_votes, close, impostor, rank1, judge_feats = [], [], [], [], []
     for s in range(0, len(idx), 64):
         b = idx[s:s + 64]
         x = to_input(faces.images[b])
@@ -177,16 +177,25 @@ def neutral_render_checks(model: IPDFER, judge: IPDFER, faces: datalib.FaceSet, 
         judged = judge.encode(render)
         neutral_votes.append((judged["logits"].argmax(1) == NEUTRAL).numpy())
         judge_feats.append(judged["exp"].numpy())
-        d = (idloss.encoder(idloss.chips(render)) - idloss.encoder(idloss.chips(x))).norm(dim=1)
-        close.append((d < IDENTITY_THRESHOLD).numpy())
+        e_render, e_input = idloss.encoder(idloss.chips(render)), idloss.encoder(idloss.chips(x))
+        close.append(((e_render - e_input).norm(dim=1) < IDENTITY_THRESHOLD).numpy())
+        # control: the render against another person's input. If this is high too,
+        # "identity kept" only says dlib cannot tell blurry renders apart.
+        impostor.append(((e_render - e_input.roll(1, 0)).norm(dim=1) < IDENTITY_THRESHOLD).numpy())
+        if len(b) == 64:  # rank-1: among these 64 inputs, the render's own is the nearest (chance 1/64)
+            rank1.append((torch.cdist(e_render, e_input).argmin(1) == torch.arange(64)).numpy())
     # Does the input's expression leak into the render (e.g. through the identity
     # descriptor, which carries some)? A probe on the judge's features of the renders.
     y = faces.labels[idx]
     counts = np.bincount(y)
-    leak = linear_probe(np.concatenate(judge_feats), y) if counts[counts > 0].min() >= 5 else None
+    probed = counts[y] >= 5   # the 5-fold probe needs 5 faces of a class
+    leak = linear_probe(np.concatenate(judge_feats)[probed], y[probed]) if probed.sum() >= 20 else None
     return {"faces": int(len(idx)), "judged_neutral": round(float(np.concatenate(neutral_votes).mean()), 4),
             "identity_kept": round(float(np.concatenate(close).mean()), 4),
-            "expression_probe_from_render": leak, "majority": round(float(counts.max() / len(y)), 4)}
+            "identity_matches_another_person": round(float(np.concatenate(impostor).mean()), 4),
+            "identity_rank1_of_64": round(float(np.concatenate(rank1).mean()), 4) if rank1 else None,
+            "expression_probe_from_render": leak,
+            "majority": round(float(np.bincount(y[probed]).max() / max(probed.sum(), 1)), 4)}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ def test_evaluate_writes_consistent_metrics_and_plots(ck_cache, tmp_path):
     assert all(0 <= v < 30 for v in rep["pose_mae_deg"].values())
     nr = rep["neutral_render"]
     assert nr["faces"] > 0 and 0 <= nr["judged_neutral"] <= 1 and 0 <= nr["identity_kept"] <= 1
+    assert 0 <= nr["identity_matches_another_person"] <= 1
     leak = nr["expression_probe_from_render"]
     assert leak is None or 0 <= leak <= 1
     assert report["weights"]["sha256"] == json.loads(
