@@ -173,7 +173,9 @@ def run(args: argparse.Namespace) -> int:
     disc = Discriminator(cfg.model).to(device)
     # channels-last helps cuDNN and oneDNN alike (benchmarks/train_step_speed.py: 1.36x on this CPU)
     model, disc = model.to(memory_format=torch.channels_last), disc.to(memory_format=torch.channels_last)
-    if args.init and not (run_dir / "last.pt").exists():
+    ckpt_path = run_dir / "last.pt"
+    resuming = ckpt_path.exists()
+    if args.init and not resuming:
         data_info["init"] = warm_start(model, args.init, cfg)
         if main_process:
             print(f"initialised from {args.init} ({data_info['init']['version']})")
@@ -184,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         identity_loss = IdentityLoss(load_identity_encoder(device=str(device)), cfg.model.image_size).to(device)
     objective = GeneratorObjective(cfg.loss, identity_loss, cfg.identity_subset)
     if cfg.freeze_encoders:
-        if not args.init and not (run_dir / "last.pt").exists():
+        if not args.init and not resuming:
             raise ValueError("freeze_encoders keeps the encoders as loaded: give --init WEIGHTS")
         for m in frozen_parts(model):
             m.requires_grad_(False)
@@ -205,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
     d_model = DDP(disc, device_ids=[device.index] if cuda else None) if distributed else disc
 
     # 4. resume ----------------------------------------------------------------------
-    step, ckpt_path = 0, run_dir / "last.pt"
-    if ckpt_path.exists():
+    step = 0
+    if resuming:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"]), ema.model.load_state_dict(ckpt["ema"])
         disc.load_state_dict(ckpt["disc"]), opt_g.load_state_dict(ckpt["opt_g"])
