@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 
 from model.data import cache_root
+from model.export import TEST_SPLITS
 from model.weights import DEFAULT_WEIGHTS_DIR
 from service.cli import main as cli
 
-TEST_SPLITS = ("fer2013:test", "ckplus:test", "muxspace:test")
 FER_TARGET = 0.70
 
 

@@ -162,12 +162,11 @@ def probes(model: IPDFER, cache_dir: Path | None, limit: int | None) -> dict:
 
 
 @torch.inference_mode()
-def neutral_render_checks(model: IPDFER, judge: IPDFER, faces: datalib.FaceSet, idx: np.ndarray) -> dict:
+def neutral_render_checks(model: IPDFER, judge: IPDFER, idloss, faces: datalib.FaceSet, idx: np.ndarray) -> dict:
     """Neutral renders of expressive faces: share the separately trained judge
-    calls neutral, and share within dlib distance 0.6 of the input face."""
-    from model.identity import IDENTITY_THRESHOLD, load_identity_encoder
-    from model.losses import IdentityLoss
-    idloss = IdentityLoss(load_identity_encoder(), model.cfg.image_size)
+    calls neutral, and share within dlib distance 0.6 of the input face
+    (`idloss`: a model.losses.IdentityLoss, for its chips and frozen dlib network)."""
+    from model.identity import IDENTITY_THRESHOLD
     neutral_votes, close, impostor, rank1, judge_feats = [], [], [], [], []
     for s in range(0, len(idx), 64):
         b = idx[s:s + 64]
@@ -204,6 +203,12 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model.eval()
     report: dict = {"weights": {k: loaded.manifest.get(k) for k in ("name", "version", "sha256", "trained")},
                     "splits": {}}
+    judge = idloss = None
+    if args.reference:  # loaded once, used on every split
+        from model.identity import load_identity_encoder
+        from model.losses import IdentityLoss
+        judge = load_weights(args.reference).model.eval()
+        idloss = IdentityLoss(load_identity_encoder(), model.cfg.image_size)
     for name in args.split or ["fer2013:test", "ckplus:test"]:
         dataset, split = name.split(":")
         faces = datalib.load_split(dataset, split, size=model.cfg.image_size, cache_dir=args.data_cache)
@@ -218,11 +223,10 @@ def run(args: argparse.Namespace) -> int:
         per = [rng.choice(np.flatnonzero(faces.labels[keep] == c)) for c in range(len(EXPRESSIONS))
                if (faces.labels[keep] == c).any()]
         render_grid(model, faces, keep[np.array(per)], args.out / f"grid_{tag}.png")
-        if args.reference:
-            judge = load_weights(args.reference).model.eval()
+        if judge is not None:
             expressive = keep[faces.labels[keep] != NEUTRAL]
             expressive = expressive[labeled_subset(faces.labels[expressive], 1000)]
-            rep["neutral_render"] = neutral_render_checks(model, judge, faces, expressive)
+            rep["neutral_render"] = neutral_render_checks(model, judge, idloss, faces, expressive)
         report["splits"][name] = rep
         print(json.dumps({name: {k: rep[k] for k in ("n", "accuracy", "mean_class_accuracy", "macro_f1",
                                                      "pose_mae_deg")}}))

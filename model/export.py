@@ -23,16 +23,18 @@ def split_hashes(names: list[str]) -> dict[str, dict]:
     images trained and tested the weights. Unknown data sets are skipped."""
     from model import datasets as ds
     from model.prepare import MANIFEST_DIR, manifest_digest, ordered
-    out = {}
+    out, manifests = {}, {}
     for name in dict.fromkeys(names):
         dataset, split = name.split(":")
         path = MANIFEST_DIR / f"{dataset}.csv"
         if not path.is_file():
             continue
-        rows = ordered(ds.read_manifest(path))
+        if dataset not in manifests:  # each manifest read and hashed once
+            rows = ordered(ds.read_manifest(path))
+            manifests[dataset] = rows, manifest_digest(rows)
+        rows, digest = manifests[dataset]
         part = [r for r in rows if split == "all" or r.split == split]
-        out[name] = {"images": len(part), "sha256": manifest_digest(part),
-                     "manifest_sha256": manifest_digest(rows)}
+        out[name] = {"images": len(part), "sha256": manifest_digest(part), "manifest_sha256": digest}
     return out
 
 
