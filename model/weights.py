@@ -75,6 +75,7 @@ def load_weights(weights_dir: Path = DEFAULT_WEIGHTS_DIR) -> LoadedWeights:
     blob = torch.load(file, map_location="cpu", weights_only=True)
     cfg = from_dict(ModelConfig, blob["model_config"])
     model = IPDFER(cfg)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in blob["state_dict"].items()})
+    state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    state.setdefault("class_bias", torch.zeros(cfg.num_classes))  # weights <= 0.3.0 had no logit adjustment
+    model.load_state_dict(state)
     return LoadedWeights(model=model.eval(), config=cfg, manifest=manifest)
