@@ -56,10 +56,8 @@ def encode_all(model: IPDFER, images: np.ndarray, batch: int = 256, tta: bool = 
     outs: dict[str, list] = {"probs": [], "pose": [], "exp": [], "pose_feat": []}
     for s in range(0, len(images), batch):
         x = to_input(images[s:s + batch]).to(device)
-        o = model.encode(x)
-        probs = o["logits"].softmax(1)
-        if tta:
-            probs = (probs + model.encode(x.flip(3))["logits"].softmax(1)) / 2
+        o = model.encode(x, flip_tta=tta)
+        probs = o["probs"]
         for k, v in (("probs", probs), ("pose", o["pose"]), ("exp", o["exp"]), ("pose_feat", o["pose_feat"])):
             outs[k].append(v.float().cpu().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}

@@ -38,6 +38,18 @@ def split_hashes(names: list[str]) -> dict[str, dict]:
     return out
 
 
+def logit_adjust(model: IPDFER, cfg: TrainConfig, val_split: str, cache_dir: Path | None) -> dict:
+    import numpy as np
+
+    from model import calibrate
+    from model import data as datalib
+    size = cfg.model.image_size
+    train_labels = np.concatenate([datalib.load_split(*s.split(":"), size=size, cache_dir=cache_dir).labels
+                                   for s in cfg.train_sets])
+    val = datalib.load_split(*val_split.split(":"), size=size, cache_dir=cache_dir)
+    return {"split": val_split, **calibrate.fit(model, np.asarray(val.images), val.labels, train_labels)}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="checkpoint .pt written by ipdfer train")
@@ -45,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS_DIR, help="weights folder")
     p.add_argument("--version", default="0.1.0")
     p.add_argument("--metrics", type=Path, help="metrics.json from ipdfer evaluate to record")
+    p.add_argument("--logit-adjust", metavar="DATASET:SPLIT",
+                   help="fit post-hoc logit adjustment on this validation split (e.g. fer2013:val) "
+                        "against the prior of the checkpoint's training sets; see model/calibrate.py")
+    p.add_argument("--data-cache", type=Path, help="prepared data cache (for --logit-adjust)")
     p.add_argument("--source", choices=("ema", "model"), default="ema",
                    help="which weights of the checkpoint to ship: the EMA copy (default) or the raw model")
 
@@ -64,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
         extra["training"] = {"config": ckpt["train_config"], "step": ckpt["step"], "epoch": ckpt["epoch"],
                              "data": ckpt.get("data"), "weights_source": args.source,
                              "split_hashes": split_hashes([*cfg.train_sets, *cfg.val_sets, *TEST_SPLITS])}
+        if args.logit_adjust:
+            extra["logit_adjustment"] = logit_adjust(model, cfg, args.logit_adjust, args.data_cache)
+            chosen = extra["logit_adjustment"]["chosen"]
+            print(f"logit adjustment on {args.logit_adjust}: tau {chosen['tau']}, accuracy "
+                  f"{chosen['accuracy']:.4f}, mean class accuracy {chosen['mean_class_accuracy']:.4f}")
     if args.metrics:
         extra["metrics"] = json.loads(args.metrics.read_text())
     manifest = save_weights(model.eval(), args.out, version=args.version, trained=trained, extra=extra)

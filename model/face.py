@@ -404,7 +404,65 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# 4. The pipeline
+# 4. Faces in face crops: how training crops are located, and `aligned=true` input
+# ---------------------------------------------------------------------------
+
+CROP_SMALL_SIDE = 96      # crops below this are detected 3x upscaled ...
+CROP_SMALL_MIN_FACE = 40  # ... with this MTCNN min_face_size (faces fill these crops)
+CROP_RETRY_PAD = 8        # px of replicated border for a second try on small crops
+SOURCE_DETECTED, SOURCE_PADDED, SOURCE_FALLBACK = 0, 1, 2
+
+
+def largest_face(dets: list[Detection]) -> Detection:
+    """The largest detected box (ties: best score): crops centre their subject."""
+    def area(d: Detection) -> float:
+        x1, y1, x2, y2 = d.box
+        return (x2 - x1) * (y2 - y1)
+    return max(dets, key=lambda d: (area(d), d.score))
+
+
+class CropLocator:
+    """Landmarks of the one face in each face crop, found exactly as `ipdfer prepare`
+    found them for every training image: MTCNN (small crops 3x upscaled, min face 40;
+    a second try with an 8 px replicated border), the largest face; when nothing is
+    found, the template over the crop's central square (`center_landmarks`, margin 0)."""
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 16,
+                 small: FaceDetector | None = None, large: FaceDetector | None = None) -> None:
+        self.small = small or FaceDetector(device=device, min_face_size=CROP_SMALL_MIN_FACE,
+                                           batch_size=batch_size)
+        self.large = large or FaceDetector(device=device, batch_size=batch_size)
+
+    def locate(self, images: list[np.ndarray]) -> list[dict]:
+        """Per image: landmarks (5,2), box (4,), score, source (SOURCE_*)."""
+        small = [i for i, im in enumerate(images) if min(im.shape[:2]) < CROP_SMALL_SIDE]
+        large = [i for i, im in enumerate(images) if min(im.shape[:2]) >= CROP_SMALL_SIDE]
+        found: dict[int, tuple] = {}
+        for idx, det in ((small, self.small), (large, self.large)):
+            for i, dets in zip(idx, det.detect([images[i] for i in idx]) if idx else []):
+                if dets:
+                    found[i] = (largest_face(dets), 0.0, SOURCE_DETECTED)
+        retry = [i for i in small if i not in found]
+        if retry:
+            p = CROP_RETRY_PAD
+            padded = [cv2.copyMakeBorder(images[i], p, p, p, p, cv2.BORDER_REPLICATE) for i in retry]
+            for i, dets in zip(retry, self.small.detect(padded)):
+                if dets:
+                    found[i] = (largest_face(dets), float(p), SOURCE_PADDED)
+        out = []
+        for i, im in enumerate(images):
+            if i in found:
+                d, pad, source = found[i]
+                out.append({"landmarks": np.asarray(d.landmarks) - pad, "box": np.asarray(d.box) - pad,
+                            "score": d.score, "source": source})
+            else:
+                out.append({"landmarks": center_landmarks(im.shape), "box": np.full(4, np.nan),
+                            "score": 0.0, "source": SOURCE_FALLBACK})
+        return out
+
+
+# ---------------------------------------------------------------------------
+# 5. The pipeline
 # ---------------------------------------------------------------------------
 
 @dataclass
@@ -434,6 +492,13 @@ class FacePipeline:
         self.center_dy = center_dy
         self.chip_size = chip_size
         self.chip_padding = chip_padding
+        self._crops: CropLocator | None = None  # built on the first aligned=True batch
+
+    @property
+    def crops(self) -> CropLocator:
+        if self._crops is None:
+            self._crops = CropLocator(large=self.detector)
+        return self._crops
 
     def _face(self, image: np.ndarray, landmarks: np.ndarray,
               detection: Detection | None, fallback: bool) -> Face:
@@ -446,12 +511,15 @@ class FacePipeline:
                 max_faces: int | None = None) -> list[list[Face]]:
         """One list of Faces per image, best detection first.
 
-        aligned=True: each image already is a face in the canonical geometry
-        (e.g. the output of `align_face`, any size): nothing is detected.
+        aligned=True: each image is a crop of one face (FER2013-style, any size). Its
+        landmarks are found the way training crops' were (`CropLocator`), so the
+        model sees it aligned as it saw its training data; `fallback` marks a crop
+        where no face was found and the central square was used.
         """
         images = [_as_rgb(im) for im in images]
         if aligned:
-            return [[self._face(im, center_landmarks(im.shape), None, False)] for im in images]
+            return [[self._face(im, loc["landmarks"], None, loc["source"] == SOURCE_FALLBACK)]
+                    for im, loc in zip(images, self.crops.locate(images))]
         out = []
         for image, dets in zip(images, self.detector.detect(images)):
             faces = [self._face(image, d.landmarks, d, False) for d in dets[:max_faces]]

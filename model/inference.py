@@ -90,12 +90,15 @@ class Analyzer:
     one batching loop owns an Analyzer."""
 
     def __init__(self, weights: LoadedWeights, device: str | None = None,
-                 pipeline: facelib.FacePipeline | None = None):
+                 pipeline: facelib.FacePipeline | None = None, flip_tta: bool = True):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weights = weights
         self.model = weights.model.to(self.device).eval()
         self.image_size = weights.config.image_size
         self.pipeline = pipeline or facelib.FacePipeline(size=self.image_size, device=str(self.device))
+        # Expression probabilities average the face and its mirror image, as in
+        # `ipdfer evaluate` (the model card's figures); False halves E_exp's cost.
+        self.flip_tta = flip_tta
         self._identity = None   # the dlib port loads on the first neutral request
         self.last_timings: dict[str, float] = {}  # seconds spent by the last analyze()
         # Half precision on CUDA; CPU stays fp32 (fp16 is slower there).
@@ -103,8 +106,10 @@ class Analyzer:
                           if self.device.type == "cuda" else nullcontext())
 
     @classmethod
-    def load(cls, weights_dir: Path | str | None = None, device: str | None = None) -> Analyzer:
-        return cls(load_weights(Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR), device)
+    def load(cls, weights_dir: Path | str | None = None, device: str | None = None,
+             flip_tta: bool = True) -> Analyzer:
+        return cls(load_weights(Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR), device,
+                   flip_tta=flip_tta)
 
     @property
     def info(self) -> dict:
@@ -130,7 +135,7 @@ class Analyzer:
     def _encode(self, aligned: list[np.ndarray]) -> dict[str, torch.Tensor]:
         x = facelib.to_model_input(np.stack(aligned)).to(self.device)
         with self._autocast:
-            out = self.model.encode(x)
+            out = self.model.encode(x, flip_tta=self.flip_tta)
         return {k: v.float() for k, v in out.items()}
 
     @torch.inference_mode()
@@ -171,7 +176,7 @@ class Analyzer:
         if not flat:
             return results
         enc = self._encode([f.aligned for _, f in flat])
-        probs = torch.softmax(enc["logits"], dim=1).cpu().numpy()
+        probs = enc["probs"].cpu().numpy()
         poses = enc["pose"].cpu().numpy()
         states = [FaceState(f.aligned, cv2.cvtColor(f.chip, cv2.COLOR_RGB2GRAY)) for _, f in flat]
         want = [k for k, (i, _) in enumerate(flat) if neutral[i]]

@@ -193,13 +193,20 @@ class IPDFER(nn.Module):
 
     POSE_SCALE = 45.0
 
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x: (N,1,S,S) in [-1,1] -> logits (N,7), pose in degrees (N,3), features."""
+    def encode(self, x: torch.Tensor, flip_tta: bool = False) -> dict[str, torch.Tensor]:
+        """x: (N,1,S,S) in [-1,1] -> logits (N,7), probs (N,7), pose in degrees (N,3),
+        features. flip_tta: probs average the face and its mirror image (E_exp runs
+        twice; logits and features stay those of the face itself)."""
         s = self.cfg.image_size
         assert_shape(x, (None, 1, s, s))
         exp = self.exp_encoder(x)
         pose_feat = self.pose_encoder(x)
-        return {"logits": self.exp_head(exp) + self.class_bias, "pose": self.pose_head(pose_feat) * self.POSE_SCALE,
+        logits = self.exp_head(exp) + self.class_bias
+        probs = logits.float().softmax(1)
+        if flip_tta:
+            mirrored = self.exp_head(self.exp_encoder(x.flip(3))) + self.class_bias
+            probs = (probs + mirrored.float().softmax(1)) / 2
+        return {"logits": logits, "probs": probs, "pose": self.pose_head(pose_feat) * self.POSE_SCALE,
                 "exp": exp, "pose_feat": pose_feat}
 
     def render(self, identity: torch.Tensor, pose_feat: torch.Tensor,

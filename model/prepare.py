@@ -59,6 +59,10 @@ import numpy as np
 
 from model import datasets as ds
 from model.data import default_cache_dir
+from model.face import CROP_RETRY_PAD as RETRY_PAD
+from model.face import CROP_SMALL_MIN_FACE as SMALL_MIN_FACE
+from model.face import CROP_SMALL_SIDE as SMALL_SIDE
+from model.face import SOURCE_DETECTED, SOURCE_FALLBACK, SOURCE_PADDED
 from model.labels import EXPRESSIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,10 +71,6 @@ DEFAULT_DATA_ROOT = Path(os.environ.get("IPDFER_DATA", REPO.parent / "shared" / 
 DEFAULT_CACHE = default_cache_dir()
 DEFAULT_DATASETS = ("fer2013", "ckplus", "muxspace")
 
-SMALL_SIDE = 96          # below this the pipeline upscales 3x
-SMALL_MIN_FACE = 40      # MTCNN min_face_size for upscaled small crops
-RETRY_PAD = 8            # px of replicated border for the second try on small crops
-SOURCE_DETECTED, SOURCE_PADDED, SOURCE_FALLBACK = 0, 1, 2
 PROGRESS_STEP = 256      # images per detect + encode step inside a chunk
 FEATURE_VERSION = 1      # bump when detection / identity code changes (settings are fingerprinted)
 POSE_VERSION = 1         # bump when model/pose.py changes (pose is recomputed at assembly)
@@ -99,36 +99,11 @@ class FaceWorker:
         if self.device == "cpu":
             self.encoder = self.encoder.to(memory_format=torch.channels_last)  # faster on CPU
 
-    # -- detection ----------------------------------------------------------------
     def detect(self, images: list[np.ndarray]) -> list[dict]:
-        """Per image: landmarks (5,2), box (4,), score, source."""
-        import cv2
-
-        from model.face import center_landmarks
-        small = [i for i, im in enumerate(images) if min(im.shape[:2]) < SMALL_SIDE]
-        large = [i for i, im in enumerate(images) if min(im.shape[:2]) >= SMALL_SIDE]
-        found: dict[int, tuple] = {}
-        for idx, det in ((small, self.det_small), (large, self.det_large)):
-            for i, dets in zip(idx, det.detect([images[i] for i in idx]) if idx else []):
-                if dets:
-                    found[i] = (_main_face(dets), 0.0, SOURCE_DETECTED)
-        retry = [i for i in small if i not in found]
-        if retry:
-            padded = [cv2.copyMakeBorder(images[i], RETRY_PAD, RETRY_PAD, RETRY_PAD, RETRY_PAD,
-                                         cv2.BORDER_REPLICATE) for i in retry]
-            for i, dets in zip(retry, self.det_small.detect(padded)):
-                if dets:
-                    found[i] = (_main_face(dets), float(RETRY_PAD), SOURCE_PADDED)
-        out = []
-        for i, im in enumerate(images):
-            if i in found:
-                d, pad, source = found[i]
-                out.append({"landmarks": np.asarray(d.landmarks) - pad,
-                            "box": np.asarray(d.box) - pad, "score": d.score, "source": source})
-            else:
-                out.append({"landmarks": center_landmarks(im.shape), "box": np.full(4, np.nan),
-                            "score": 0.0, "source": SOURCE_FALLBACK})
-        return out
+        """Per image: landmarks (5,2), box (4,), score, source (the serving path's
+        `aligned=true` locates crops with the same code)."""
+        from model.face import CropLocator
+        return CropLocator(small=self.det_small, large=self.det_large).locate(images)
 
     # -- everything -----------------------------------------------------------------
     def features(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -181,14 +156,6 @@ def fused_encoder(encoder):
     except (AttributeError, TypeError, RuntimeError):
         pass
     return encoder
-
-
-def _main_face(dets):
-    """The largest detected box (ties: best score); datasets centre their subject."""
-    def area(d):
-        x1, y1, x2, y2 = d.box
-        return (x2 - x1) * (y2 - y1)
-    return max(dets, key=lambda d: (area(d), d.score))
 
 
 def align_all(images: list[np.ndarray], landmarks: np.ndarray, size: int) -> np.ndarray:

@@ -92,7 +92,7 @@ class Pipeline:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         t0 = time.perf_counter()
-        analyzer = Analyzer.load(settings.weights_dir, settings.device)
+        analyzer = Analyzer.load(settings.weights_dir, settings.device, flip_tta=settings.flip_tta)
         analyzer.warmup()
         log.info("model %s loaded and warmed up on %s in %.1f s", analyzer.info.get("sha256", "")[:12],
                  analyzer.info.get("device"), time.perf_counter() - t0)

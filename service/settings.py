@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     weights_dir: Path | None = Field(None, description="Weights folder (manifest + state_dict); "
                                      "unset: the package's weights/.")
     device: str | None = Field(None, description="torch device; unset: cuda if available else cpu.")
+    flip_tta: bool = Field(True, description="Expression probabilities average the face and its mirror "
+                                             "image (as the model card's figures); false halves E_exp's cost.")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the model "
                                       "(unset: torch's default).")
 

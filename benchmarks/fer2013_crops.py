@@ -1,0 +1,94 @@
+"""FER2013 PrivateTest as a user sends it: the deduplicated test crops (the
+committed manifest's fer2013 `test` rows, 3,293 files) through the real CLI,
+`ipdfer predict --aligned`, against `ipdfer evaluate` on the prepare cache for
+the same weights. Prints accuracy, mean class accuracy and per-class accuracy of
+both, the gap, and a constant-prediction control.
+
+    .venv/bin/python benchmarks/fer2013_crops.py [--weights weights] [--data DIR] [--limit N]
+
+--data is the folder holding `fer2013/` (default: $IPDFER_DATA, else ../shared/data).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from model.labels import EXPRESSIONS, canonical  # noqa: E402
+
+CLI = [sys.executable, "-m", "service.cli"]
+
+
+def report(labels: np.ndarray, pred: np.ndarray) -> dict:
+    per = {c: float((pred[labels == k] == k).mean()) for k, c in enumerate(EXPRESSIONS) if (labels == k).any()}
+    return {"n": int(len(labels)), "accuracy": float((pred == labels).mean()),
+            "mean_class_accuracy": float(np.mean(list(per.values()))), "per_class": per}
+
+
+def predict_aligned(files: list[Path], weights: Path) -> tuple[np.ndarray, float]:
+    """Top label per file from `ipdfer predict --aligned` (-1: no answer)."""
+    t0 = time.perf_counter()
+    out = subprocess.run([*CLI, "predict", "--aligned", "--batch-size", "64", "--weights-dir", str(weights),
+                          *map(str, files)], cwd=REPO, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    if out.returncode != 0:
+        sys.exit(f"ipdfer predict failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    by_file = {}
+    for line in out.stdout.splitlines():
+        rec = json.loads(line)
+        faces = rec.get("faces") or []
+        by_file[rec["file"]] = EXPRESSIONS.index(faces[0]["expression"]["label"]) if faces else -1
+    return np.array([by_file.get(str(f), -1) for f in files]), seconds
+
+
+def evaluate_cache(weights: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [*CLI, "evaluate", "--weights", str(weights), "--split", "fer2013:test", "--out", tmp]
+        subprocess.run(args, cwd=REPO, check=True, capture_output=True, text=True)
+        rep = json.loads((Path(tmp) / "metrics.json").read_text())["splits"]["fer2013:test"]
+    return {"n": rep["n"], "accuracy": rep["accuracy"], "mean_class_accuracy": rep["mean_class_accuracy"],
+            "per_class": rep["per_class_accuracy"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", type=Path, default=REPO / "weights")
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("IPDFER_DATA", REPO.parent / "shared" / "data")))
+    ap.add_argument("--limit", type=int, help="a seeded sample of N test rows (a quick check; skips the cache comparison)")
+    args = ap.parse_args()
+    with open(REPO / "model" / "manifests" / "fer2013.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    if args.limit:  # a seeded sample across classes
+        rows = [rows[i] for i in sorted(np.random.default_rng(0).choice(len(rows), args.limit, replace=False))]
+    files = [args.data / "fer2013" / r["path"] for r in rows]
+    labels = np.array([EXPRESSIONS.index(canonical(r["label"])) for r in rows])
+    pred, seconds = predict_aligned(files, args.weights.resolve())
+    crops = report(labels, pred)
+    cache = None if args.limit else evaluate_cache(args.weights.resolve())  # the cache has all 3,293
+    majority = np.bincount(labels).argmax()
+    control = report(labels, np.full_like(labels, majority))
+    print(f"weights {args.weights}  files {len(files)}  no answer {int((pred < 0).sum())}  "
+          f"predict --aligned {seconds:.0f} s ({len(files) / seconds:.0f} crops/s incl. start-up)")
+    print(f"{'':28}{'accuracy':>9}{'mean class':>11}  " + " ".join(f"{c[:7]:>7}" for c in EXPRESSIONS))
+    for name, r in (("ipdfer predict --aligned", crops), ("ipdfer evaluate (cache)", cache),
+                    (f"constant '{EXPRESSIONS[majority]}'", control)):
+        if r is None:
+            continue
+        print(f"{name:28}{r['accuracy']:9.4f}{r['mean_class_accuracy']:11.4f}  "
+              + " ".join(f"{r['per_class'].get(c, float('nan')):7.3f}" for c in EXPRESSIONS))
+    if cache:
+        print(f"gap predict --aligned - evaluate: {100 * (crops['accuracy'] - cache['accuracy']):+.2f} points")
+
+
+if __name__ == "__main__":
+    main()
