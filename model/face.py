@@ -31,6 +31,7 @@ __all__ = [
     "CANONICAL_LANDMARKS", "DLIB_CHIP_LANDMARKS", "similarity_transform",
     "align_face", "center_landmarks", "center_crop_face", "FALLBACK_MARGIN", "FALLBACK_DY",
     "dlib_chip", "dlib_chip_transform",
+    "CropLocator", "largest_face", "SOURCE_DETECTED", "SOURCE_PADDED", "SOURCE_FALLBACK",
     "to_model_input", "to_uint8", "Face", "FacePipeline",
 ]
 
