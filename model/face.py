@@ -30,7 +30,7 @@ __all__ = [
     "Detection", "FaceDetector",
     "CANONICAL_LANDMARKS", "DLIB_CHIP_LANDMARKS", "similarity_transform",
     "align_face", "center_landmarks", "center_crop_face", "FALLBACK_MARGIN", "FALLBACK_DY",
-    "dlib_chip", "dlib_chip_transform",
+    "dlib_chip", "dlib_chip_transform", "identity_chip", "identity_input",
     "CropLocator", "largest_face", "SOURCE_DETECTED", "SOURCE_PADDED", "SOURCE_FALLBACK",
     "to_model_input", "to_uint8", "Face", "FacePipeline",
 ]
@@ -390,6 +390,21 @@ def dlib_chip(image_rgb: np.ndarray, landmarks: np.ndarray, size: int = 150,
     return _warp(_as_rgb(image_rgb), m, size, cv2.BORDER_CONSTANT)  # dlib pads black
 
 
+def identity_chip(image_rgb: np.ndarray, landmarks: np.ndarray, size: int = 150,
+                  padding: float = 0.25) -> np.ndarray:
+    """The identity encoder's input everywhere in this project (prepare, training's
+    identity loss, serving): dlib's chip in grey, uint8 (size, size). The model sees
+    no colour, and training data is grey, so colour photos are made grey before E_id
+    too. For a grey image (equal RGB channels) it equals a channel of `dlib_chip`."""
+    return _grey(dlib_chip(image_rgb, landmarks, size, padding))
+
+
+def identity_input(chips: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+    """Grey uint8 chips (N, 150, 150) -> float (N, 3, 150, 150) in 0..255, E_id's input."""
+    batch = torch.from_numpy(np.ascontiguousarray(np.stack(chips) if isinstance(chips, list) else chips))
+    return batch.float().unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
 def to_model_input(aligned: np.ndarray | list[np.ndarray]) -> torch.Tensor:
     """uint8 (N, S, S) (or a list of (S, S)) -> float32 (N, 1, S, S) in [-1, 1]."""
     batch = np.stack(aligned) if isinstance(aligned, (list, tuple)) else np.asarray(aligned)
@@ -470,7 +485,7 @@ class CropLocator:
 class Face:
     detection: Detection | None  # None: input given as aligned, or the fallback crop
     aligned: np.ndarray          # (size, size) uint8 grey, model input
-    chip: np.ndarray             # (chip_size, chip_size, 3) uint8 RGB, identity-encoder input
+    chip: np.ndarray             # (chip_size, chip_size) uint8 grey, identity-encoder input (identity_chip)
     fallback: bool = False       # True: no face detected, the centre crop was used
 
 
@@ -505,7 +520,7 @@ class FacePipeline:
               detection: Detection | None, fallback: bool) -> Face:
         return Face(detection=detection,
                     aligned=align_face(image, landmarks, self.size),
-                    chip=dlib_chip(image, landmarks, self.chip_size, self.chip_padding),
+                    chip=identity_chip(image, landmarks, self.chip_size, self.chip_padding),
                     fallback=fallback)
 
     def process(self, images: list[np.ndarray], aligned: bool = False,

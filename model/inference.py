@@ -140,8 +140,7 @@ class Analyzer:
 
     @torch.inference_mode()
     def _identity_codes(self, chips: list[np.ndarray]) -> torch.Tensor:
-        x = torch.from_numpy(np.stack(chips)).float().to(self.device)
-        return self.identity(x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous())
+        return self.identity(facelib.identity_input(chips).to(self.device))
 
     @torch.inference_mode()
     def _render(self, states: list[FaceState], enc: dict[str, torch.Tensor] | None = None,
@@ -178,7 +177,7 @@ class Analyzer:
         enc = self._encode([f.aligned for _, f in flat])
         probs = enc["probs"].cpu().numpy()
         poses = enc["pose"].cpu().numpy()
-        states = [FaceState(f.aligned, cv2.cvtColor(f.chip, cv2.COLOR_RGB2GRAY)) for _, f in flat]
+        states = [FaceState(f.aligned, f.chip) for _, f in flat]
         want = [k for k, (i, _) in enumerate(flat) if neutral[i]]
         renders = {}
         if want:

@@ -110,15 +110,15 @@ class FaceWorker:
         """Size-independent per-image arrays: landmarks, box, score, source, pose, identity, image_wh."""
         import torch
 
-        from model.face import dlib_chip
+        from model.face import identity_chip, identity_input
         from model.pose import estimate_pose
         dets = self.detect(images)
         lm = np.stack([d["landmarks"] for d in dets]).astype(np.float32)
         wh = np.array([[im.shape[1], im.shape[0]] for im in images], dtype=np.int32)
         ident = np.zeros((len(images), 128), np.float32)
         for s in range(0, len(images), self.identity_batch):
-            chips = np.stack([dlib_chip(images[i], lm[i]) for i in range(s, min(s + self.identity_batch, len(images)))])
-            x = torch.from_numpy(chips).permute(0, 3, 1, 2).float().to(self.device)
+            chips = [identity_chip(images[i], lm[i]) for i in range(s, min(s + self.identity_batch, len(images)))]
+            x = identity_input(chips).to(self.device)
             if self.device == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():

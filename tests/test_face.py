@@ -436,7 +436,7 @@ def test_pipeline_detects_and_aligns(pipeline, astronaut):
     face = first[0][0]
     assert face.detection is not None and not face.fallback
     assert face.aligned.shape == (64, 64) and face.aligned.dtype == np.uint8
-    assert face.chip.shape == (150, 150, 3) and face.chip.dtype == np.uint8
+    assert face.chip.shape == (150, 150) and face.chip.dtype == np.uint8
     again = second[0][0]  # deterministic
     assert np.array_equal(face.aligned, again.aligned) and np.array_equal(face.chip, again.chip)
 
@@ -446,7 +446,7 @@ def test_pipeline_fallback_and_no_face(detector):
     assert FacePipeline(detector=detector).process([grey]) == [[]]
     [[face]] = FacePipeline(detector=detector, fallback_to_center=True).process([grey])
     assert face.fallback and face.detection is None
-    assert face.aligned.shape == (64, 64) and face.chip.shape == (150, 150, 3)
+    assert face.aligned.shape == (64, 64) and face.chip.shape == (150, 150)
 
 
 def test_pipeline_already_aligned_input(pipeline, astronaut, astronaut_face):
@@ -458,7 +458,7 @@ def test_pipeline_already_aligned_input(pipeline, astronaut, astronaut_face):
     expected = cv2.resize(aligned112, (64, 64), interpolation=cv2.INTER_AREA)
     assert np.abs(face.aligned.astype(int) - expected).mean() < 6
     # its chip is cut at the landmarks found on the crop: a face, not the border
-    chip = cv2.cvtColor(face.chip, cv2.COLOR_RGB2GRAY)
+    chip = face.chip
     assert chip[40:110, 40:110].std() > 20 and (chip[40:110, 40:110] > 0).all()
 
 
@@ -485,3 +485,21 @@ def test_pipeline_max_faces(pipeline, muxspace):
                       load_image(muxspace / "Serena_Williams_0001.jpg")])
     [faces] = pipeline.process([both], max_faces=1)
     assert len(faces) == 1
+
+
+def test_one_identity_path_for_preparation_and_serving(pipeline, astronaut):
+    """The descriptor G is conditioned on is computed the same way by `ipdfer prepare`
+    (training) and by the service: the grey identity chip of the same landmarks.
+    On a colour photo that differs from dlib's usual RGB chip, so the choice matters."""
+    from model.identity import load_identity_encoder
+    from model.prepare import FaceWorker
+    from model.face import identity_input
+    trained = FaceWorker().features([astronaut])["identity"][0]
+    [[face]] = pipeline.process([astronaut])
+    encoder = load_identity_encoder()
+    with torch.inference_mode():
+        served = encoder(identity_input([face.chip]))[0].numpy()
+        rgb = dlib_chip(astronaut, face.detection.landmarks)
+        colour = encoder(torch.from_numpy(rgb).permute(2, 0, 1)[None].float())[0].numpy()
+    assert np.abs(trained - served).max() < 1e-4
+    assert np.linalg.norm(colour - served) > 0.01
