@@ -67,6 +67,9 @@ class TrainConfig:
     freeze_encoders: bool = False
     seed: int = 0
     num_workers: int = 2
+    # Batches made on the training device (model/device_data.py: the cache as one
+    # uint8 tensor, batched augmentation) instead of a DataLoader; None = on CUDA only
+    data_on_device: bool | None = None
     amp: bool = True             # fp16 on CUDA, bf16 on CPUs with native bf16
     checkpoint_every: int = 500  # steps
     log_every: int = 50

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int)
     p.add_argument("--ablation", action="store_true", help="expression encoder alone (no G/D/residue)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--batches", choices=("device", "dataloader"),
+                   help="make batches on the training device or in DataLoader workers "
+                        "(default: the config's data_on_device; unset = device on CUDA)")
     p.add_argument("--smoke", action="store_true",
                    help="a few steps on a handful of real images from ../shared (seconds; CI)")
     p.add_argument("--shared-dir", type=Path, help="the shared data folder for --smoke")
@@ -60,6 +63,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         cfg.model.image_size = args.image_size
     if args.ablation:
         cfg.ablation = True
+    if args.batches:
+        cfg.data_on_device = args.batches == "device"
     if args.smoke:
         cfg.epochs, cfg.batch_size, cfg.num_workers = 1, 8, 0
         cfg.max_steps = cfg.max_steps or 3
@@ -185,10 +190,19 @@ def run(args: argparse.Namespace) -> int:
                  for s in cfg.train_sets]
         train_set = ConcatDataset(parts)
         data_info = {"train_sets": list(cfg.train_sets), "sizes": [len(p) for p in parts]}
-    sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed) if distributed else None
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=cfg.num_workers, drop_last=len(train_set) > cfg.batch_size,
-                        pin_memory=cuda, persistent_workers=cfg.num_workers > 0)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    on_device = cfg.data_on_device if cfg.data_on_device is not None else cuda
+    sampler = None
+    if on_device:
+        from model.device_data import DeviceBatches
+        faces = [train_set.faces] if args.smoke else [p.faces for p in parts]
+        loader = DeviceBatches(faces, cfg.batch_size, device, seed=cfg.seed, rank=rank, world_size=world)
+    else:
+        sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed) if distributed else None
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                            num_workers=cfg.num_workers, drop_last=len(train_set) > cfg.batch_size,
+                            pin_memory=cuda, persistent_workers=cfg.num_workers > 0)
+    data_info["batches"] = "device" if on_device else "dataloader"
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -280,8 +294,9 @@ def run(args: argparse.Namespace) -> int:
     for epoch in range(start_epoch, cfg.epochs):
         if step >= total_steps:
             break
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        for source in (sampler, loader if on_device else None):
+            if source is not None:
+                source.set_epoch(epoch)
         torch.manual_seed(cfg.seed + epoch)  # same shuffle on resume
         for i, batch in enumerate(loader):
             if i < skip:

@@ -145,7 +145,8 @@ def _torchrun(args: list[str], tmp_path) -> "subprocess.CompletedProcess":
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("extra", [[], ["--ablation"]], ids=["full", "ablation"])
+@pytest.mark.parametrize("extra", [[], ["--ablation", "--batches", "device"]],
+                         ids=["full-dataloader", "ablation-device-batches"])
 def test_two_process_training_keeps_ranks_identical(shared_dir, tmp_path, extra):
     """torchrun with 2 CPU processes (gloo): ranks see different batches and seeds, so
     only all-reduced gradients keep their parameters equal; every checkpoint checks
