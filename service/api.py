@@ -3,6 +3,7 @@ service errors become HTTP answers in the handlers of service/server.py."""
 from __future__ import annotations
 
 import base64
+import hmac
 import time
 from typing import Annotated, Any, AsyncIterator
 
@@ -49,7 +50,8 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
 
 def require_api_key(settings: SettingsDep, key: Annotated[str | None, Security(_api_key_header)] = None) -> None:
     expected = settings.api_key.get_secret_value() if settings.api_key else None
-    if expected and key != expected:
+    # constant time: the comparison must not tell an attacker how much of a guess was right
+    if expected and not hmac.compare_digest((key or "").encode(), expected.encode()):
         raise HTTPException(401, "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "APIKey"})
 
 

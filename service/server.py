@@ -46,6 +46,9 @@ neutral face. `GET /neutralize?face_id=...` returns that neutral face as PNG
 503 answers carry `Retry-After`."""
 
 
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class ObservabilityMiddleware:
     """Request id, per-route request counts and latency (route templates, not raw
     paths, so metrics cardinality stays bounded)."""
@@ -74,10 +77,12 @@ class ObservabilityMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = getattr(scope.get("route"), "path", None)
-            # unmatched 404s share one label (unbounded paths); docs routes keep theirs
-            path = route or ("unmatched" if status == 404 else scope.get("path", "unmatched"))
+            # Labels only from a bounded set: the route template, "static" for the web
+            # page's mount, else "unmatched"; never the raw path or an invented method.
+            route = scope.get("route")
+            path = getattr(route, "path", None) or ("static" if route is not None else "unmatched")
             method = scope.get("method", "")
+            method = method if method in _HTTP_METHODS else "other"
             self.metrics.requests.labels(path, method, str(status)).inc()
             self.metrics.latency.labels(path, method).observe(time.perf_counter() - t0)
 

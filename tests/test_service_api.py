@@ -399,3 +399,21 @@ def test_not_ready_until_the_model_loads(tmp_path):
                 r = await c.post("/predict", content=encode(astronaut(), "JPEG"))
                 assert r.status_code == 503 and "loading the model failed" in r.json()["detail"]
     run(go())
+
+
+def test_metric_labels_stay_bounded_for_junk_paths_and_methods(service_pipeline):
+    """Random paths answered by the web page's mount (405) or nothing (404), and
+    invented methods, must not become metric labels: /metrics would grow per request."""
+    async def go():
+        async with app_client(settings(), [service_pipeline]) as c:
+            before = len((await c.get("/metrics")).text)
+            for i in range(40):
+                await c.post(f"/x{i:04d}zz")
+                await c.get(f"/nope/{i:04d}zz")
+                await c.request(f"BREW{i}", "/healthz")
+            text = (await c.get("/metrics")).text
+            assert "zz" not in text and "BREW" not in text
+            assert 'route="unmatched",status="405"' in text and 'method="other"' in text
+            # growth is a few label sets, not 120 of them
+            assert len(text) - before < 30_000
+    run(go())
