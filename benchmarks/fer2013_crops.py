@@ -6,14 +6,12 @@ both, the gap, and a constant-prediction control.
 
     .venv/bin/python benchmarks/fer2013_crops.py [--weights weights] [--data DIR] [--limit N]
 
---data is the folder holding `fer2013/` (default: $IPDFER_DATA, else ../shared/data).
+--data is the folder holding `fer2013/` (default: `ipdfer prepare`'s data root, $IPDFER_DATA).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,7 +22,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from model.labels import EXPRESSIONS, canonical  # noqa: E402
+from model import datasets as ds  # noqa: E402
+from model.labels import EXPRESSIONS  # noqa: E402
+from model.prepare import DEFAULT_DATA_ROOT, MANIFEST_DIR  # noqa: E402
 
 CLI = [sys.executable, "-m", "service.cli"]
 
@@ -63,15 +63,14 @@ def evaluate_cache(weights: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", type=Path, default=REPO / "weights")
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("IPDFER_DATA", REPO.parent / "shared" / "data")))
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA_ROOT)
     ap.add_argument("--limit", type=int, help="a seeded sample of N test rows (a quick check; skips the cache comparison)")
     args = ap.parse_args()
-    with open(REPO / "model" / "manifests" / "fer2013.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    rows = [r for r in ds.read_manifest(MANIFEST_DIR / "fer2013.csv") if r.split == "test"]
     if args.limit:  # a seeded sample across classes
         rows = [rows[i] for i in sorted(np.random.default_rng(0).choice(len(rows), args.limit, replace=False))]
-    files = [args.data / "fer2013" / r["path"] for r in rows]
-    labels = np.array([EXPRESSIONS.index(canonical(r["label"])) for r in rows])
+    files = [args.data / "fer2013" / r.path for r in rows]
+    labels = np.array([ds.label_index(r) for r in rows])
     pred, seconds = predict_aligned(files, args.weights.resolve())
     crops = report(labels, pred)
     cache = None if args.limit else evaluate_cache(args.weights.resolve())  # the cache has all 3,293

@@ -502,6 +502,7 @@ class FacePipeline:
                  center_margin: float = FALLBACK_MARGIN, center_dy: float = FALLBACK_DY,
                  chip_size: int = 150, chip_padding: float = 0.25) -> None:
         self.detector = detector if detector is not None else FaceDetector(device=device)
+        self.device = device
         self.size = size
         self.fallback_to_center = fallback_to_center
         self.center_margin = center_margin
@@ -513,7 +514,7 @@ class FacePipeline:
     @property
     def crops(self) -> CropLocator:
         if self._crops is None:
-            self._crops = CropLocator(large=self.detector)
+            self._crops = CropLocator(device=self.device, large=self.detector)
         return self._crops
 
     def _face(self, image: np.ndarray, landmarks: np.ndarray,

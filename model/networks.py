@@ -188,7 +188,8 @@ class IPDFER(nn.Module):
             ConvEncoder(cfg.residue_widths, 1, cfg.residue_widths[-1]),
             nn.Linear(cfg.residue_widths[-1], cfg.num_classes))
         # Post-hoc logit adjustment (Menon et al. 2021): -tau * log(class prior), tau
-        # chosen on validation by `ipdfer calibrate`; zeros = the plain classifier.
+        # chosen on validation by `ipdfer export --logit-adjust` (model/calibrate.py);
+        # zeros = the plain classifier.
         self.register_buffer("class_bias", torch.zeros(cfg.num_classes))
 
     POSE_SCALE = 45.0

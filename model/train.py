@@ -157,7 +157,8 @@ def save_checkpoint(path: Path, **state) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     # 1. devices and processes -------------------------------------------------
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = world > 1
     rank = int(os.environ.get("RANK", "0"))
     if distributed:
         local = int(os.environ["LOCAL_RANK"])
@@ -190,7 +191,6 @@ def run(args: argparse.Namespace) -> int:
                  for s in cfg.train_sets]
         train_set = ConcatDataset(parts)
         data_info = {"train_sets": list(cfg.train_sets), "sizes": [len(p) for p in parts]}
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     on_device = cfg.data_on_device if cfg.data_on_device is not None else cuda
     sampler = None
     if on_device:
@@ -203,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
                             num_workers=cfg.num_workers, drop_last=len(train_set) > cfg.batch_size,
                             pin_memory=cuda, persistent_workers=cfg.num_workers > 0)
     data_info["batches"] = "device" if on_device else "dataloader"
+    epoch_order = loader if on_device else sampler   # what set_epoch reshuffles (None: the DataLoader's shuffle)
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -294,9 +295,8 @@ def run(args: argparse.Namespace) -> int:
     for epoch in range(start_epoch, cfg.epochs):
         if step >= total_steps:
             break
-        for source in (sampler, loader if on_device else None):
-            if source is not None:
-                source.set_epoch(epoch)
+        if epoch_order is not None:
+            epoch_order.set_epoch(epoch)
         torch.manual_seed(cfg.seed + epoch)  # same shuffle on resume
         for i, batch in enumerate(loader):
             if i < skip:
