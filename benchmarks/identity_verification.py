@@ -1,11 +1,11 @@
 """Face verification with our own pipeline (MTCNN + 5-point chip + the dlib
-ResNet port) on LFW people in ../shared/data/muxspace: accuracy at dlib's
+ResNet port) on LFW people in the muxspace data set (`ipdfer prepare`'s data root): accuracy at dlib's
 threshold 0.6 over N same-person and N different-person pairs (fixed seed).
 
     .venv/bin/python benchmarks/identity_verification.py [--pairs 1000]
 
 dlib's own pipeline (HOG detector, its 5-point chips) reaches 98.6% on these
-crops (DESIGN.md)."""
+crops (measured once on this project's development machine)."""
 from __future__ import annotations
 
 import argparse

@@ -1,6 +1,6 @@
 """`ipdfer prepare`: manifests, aligned-face cache, pose pseudo-labels, identity features.
 
-    ipdfer prepare [--data-root ../shared/data] [--datasets fer2013,ckplus,muxspace]
+    ipdfer prepare [--data-root DIR] [--datasets fer2013,ckplus,muxspace]
                    [--size 64] [--cache-dir ~/.cache/ipdfer/data] [--report]
 
 Steps, per dataset:

@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="make batches on the training device or in DataLoader workers "
                         "(default: the config's data_on_device; unset = device on CUDA)")
     p.add_argument("--smoke", action="store_true",
-                   help="a few steps on a handful of real images from ../shared (seconds; CI)")
+                   help="a few steps on a handful of real images from the data folder (--shared-dir; seconds; CI)")
     p.add_argument("--shared-dir", type=Path, help="the shared data folder for --smoke")
     p.add_argument("--init", type=Path, metavar="WEIGHTS_DIR",
                    help="start a new run from exported weights (e.g. weights/) instead of random "
