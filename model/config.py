@@ -24,7 +24,11 @@ class ModelConfig:
     pose_widths: tuple[int, ...] = (16, 32, 64, 128)
     pose_blocks: int = 1
     pose_dim: int = 64                         # pose feature size fed to G
-    dec_widths: tuple[int, ...] = (256, 128, 64, 32, 16)  # G channels from 4×4 upwards
+    renderer: str = "decoder"                  # G: "decoder" paints from the codes, "editor" edits the input
+    dec_widths: tuple[int, ...] = (256, 128, 64, 32, 16)  # G channels from 4×4 upwards (decoder)
+    editor_widths: tuple[int, ...] = (32, 64, 128)  # editor channels from S×S down to edit_grid²
+    edit_grid: int = 16                        # editor fields' resolution (upsampled to the face)
+    render_size: int = 128                     # side of served neutral renders (editor; decoder: image_size)
     disc_widths: tuple[int, ...] = (32, 64, 128, 256)
     residue_widths: tuple[int, ...] = (16, 32, 64, 128)
     dropout: float = 0.3
@@ -41,6 +45,8 @@ class LossWeights:
     adversarial: float = 0.02    # hinge GAN on renders and reconstructions
     residue_class: float = 0.5   # (recon - neutral render) classifies as the label
     residue_zero: float = 1.0    # ... and is ~0 for neutral inputs
+    edit_size: float = 2.0       # editor: mean squared displacement + |shading| of the neutral edit (minimal edits)
+    edit_smooth: float = 5.0     # editor: squared differences of neighbouring field values
     label_smoothing: float = 0.1
 
 

@@ -487,6 +487,7 @@ class Face:
     aligned: np.ndarray          # (size, size) uint8 grey, model input
     chip: np.ndarray             # (chip_size, chip_size) uint8 grey, identity-encoder input (identity_chip)
     fallback: bool = False       # True: no face detected, the centre crop was used
+    large: np.ndarray | None = None  # (render_size,)*2 uint8 grey: the same alignment, larger, for renders
 
 
 class FacePipeline:
@@ -500,7 +501,7 @@ class FacePipeline:
     def __init__(self, detector: FaceDetector | None = None, size: int = 64,
                  device: str | torch.device = "cpu", fallback_to_center: bool = False,
                  center_margin: float = FALLBACK_MARGIN, center_dy: float = FALLBACK_DY,
-                 chip_size: int = 150, chip_padding: float = 0.25) -> None:
+                 chip_size: int = 150, chip_padding: float = 0.25, render_size: int = 0) -> None:
         self.detector = detector if detector is not None else FaceDetector(device=device)
         self.device = device
         self.size = size
@@ -509,6 +510,7 @@ class FacePipeline:
         self.center_dy = center_dy
         self.chip_size = chip_size
         self.chip_padding = chip_padding
+        self.render_size = render_size   # > 0: also cut Face.large, the crop neutral renders edit
         self._crops: CropLocator | None = None  # built on the first aligned=True batch
 
     @property
@@ -522,7 +524,8 @@ class FacePipeline:
         return Face(detection=detection,
                     aligned=align_face(image, landmarks, self.size),
                     chip=identity_chip(image, landmarks, self.chip_size, self.chip_padding),
-                    fallback=fallback)
+                    fallback=fallback,
+                    large=align_face(image, landmarks, self.render_size) if self.render_size else None)
 
     def process(self, images: list[np.ndarray], aligned: bool = False,
                 max_faces: int | None = None) -> list[list[Face]]:

@@ -24,30 +24,35 @@ from model.weights import DEFAULT_WEIGHTS_DIR, LoadedWeights, load_weights
 
 @dataclass
 class FaceState:
-    """What a later neutral/residue render needs: the aligned face and the
-    150×150 identity chip (grayscale, the model sees no colour). Serialised as
-    a small header + zlib'd raw bytes: never pickle anything that goes to Redis."""
-    aligned: np.ndarray   # (S,S) uint8
-    chip: np.ndarray      # (150,150) uint8
+    """What a later neutral/residue render needs: the aligned face, the 150×150
+    identity chip (grayscale, the model sees no colour) and, for the editing
+    renderer, the larger crop it edits. Serialised as a small header + zlib'd raw
+    bytes: never pickle anything that goes to Redis."""
+    aligned: np.ndarray              # (S,S) uint8
+    chip: np.ndarray                 # (150,150) uint8
+    large: np.ndarray | None = None  # (R,R) uint8, same alignment as `aligned`
 
-    MAGIC = b"IPDF1"
+    MAGIC = b"IPDF2"
 
     def to_bytes(self) -> bytes:
         s, c = self.aligned.shape[0], self.chip.shape[0]
-        raw = np.ascontiguousarray(self.aligned).tobytes() + np.ascontiguousarray(self.chip).tobytes()
-        return self.MAGIC + struct.pack("<HH", s, c) + zlib.compress(raw, 6)
+        r = 0 if self.large is None else self.large.shape[0]
+        raw = b"".join(np.ascontiguousarray(a).tobytes() for a in (self.aligned, self.chip, self.large)
+                       if a is not None)
+        return self.MAGIC + struct.pack("<HHH", s, c, r) + zlib.compress(raw, 6)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FaceState:
         if not data.startswith(cls.MAGIC):
             raise ValueError("not a FaceState")
-        s, c = struct.unpack_from("<HH", data, len(cls.MAGIC))
-        raw = zlib.decompress(data[len(cls.MAGIC) + 4:])
-        if len(raw) != s * s + c * c:
+        s, c, r = struct.unpack_from("<HHH", data, len(cls.MAGIC))
+        raw = zlib.decompress(data[len(cls.MAGIC) + 6:])
+        if len(raw) != s * s + c * c + r * r:
             raise ValueError("corrupt FaceState")
         aligned = np.frombuffer(raw[:s * s], np.uint8).reshape(s, s)
-        chip = np.frombuffer(raw[s * s:], np.uint8).reshape(c, c)
-        return cls(aligned=aligned, chip=chip)
+        chip = np.frombuffer(raw[s * s:s * s + c * c], np.uint8).reshape(c, c)
+        large = np.frombuffer(raw[s * s + c * c:], np.uint8).reshape(r, r) if r else None
+        return cls(aligned=aligned, chip=chip, large=large)
 
 
 @dataclass
@@ -95,7 +100,10 @@ class Analyzer:
         self.weights = weights
         self.model = weights.model.to(self.device).eval()
         self.image_size = weights.config.image_size
-        self.pipeline = pipeline or facelib.FacePipeline(size=self.image_size, device=str(self.device))
+        # the editing renderer edits a larger crop of the face: served renders are render_size²
+        self.render_size = weights.config.render_size if self.model.edits_input else 0
+        self.pipeline = pipeline or facelib.FacePipeline(size=self.image_size, device=str(self.device),
+                                                         render_size=self.render_size)
         # Expression probabilities average the face and its mirror image, as in
         # `ipdfer evaluate` (the model card's figures); False halves E_exp's cost.
         self.flip_tta = flip_tta
@@ -147,10 +155,22 @@ class Analyzer:
                 residue: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         enc = enc or self._encode([s.aligned for s in states])
         identity = self._identity_codes([s.chip for s in states])
-        neutral = self.model.render(identity, enc["pose_feat"])
-        diff = self.model.render(identity, enc["pose_feat"], enc["exp"]) - neutral if residue else None
+        face = target = None
+        if self.model.edits_input:
+            face = facelib.to_model_input([s.aligned for s in states]).to(self.device)
+            target = facelib.to_model_input([self._large(s) for s in states]).to(self.device)
+        neutral = self.model.render(identity, enc["pose_feat"], None, face, target)
+        diff = (self.model.render(identity, enc["pose_feat"], enc["exp"], face, target) - neutral
+                if residue else None)
         to_u8 = lambda t: facelib.to_uint8(t.float().cpu())  # noqa: E731
         return to_u8(neutral), (diff.float().squeeze(1).cpu().numpy() if diff is not None else None)
+
+    def _large(self, state: FaceState) -> np.ndarray:
+        """The crop the editor renders; a state without one (stored by a
+        pipeline that cut none) falls back to the aligned face, enlarged."""
+        if state.large is not None and state.large.shape[0] == self.render_size:
+            return state.large
+        return cv2.resize(state.aligned, (self.render_size, self.render_size), interpolation=cv2.INTER_CUBIC)
 
     # -- public API -------------------------------------------------------------
     def analyze(self, images: list[np.ndarray], aligned: list[bool], max_faces: list[int | None],
@@ -177,7 +197,7 @@ class Analyzer:
         enc = self._encode([f.aligned for _, f in flat])
         probs = enc["probs"].cpu().numpy()
         poses = enc["pose"].cpu().numpy()
-        states = [FaceState(f.aligned, f.chip) for _, f in flat]
+        states = [FaceState(f.aligned, f.chip, f.large) for _, f in flat]
         want = [k for k, (i, _) in enumerate(flat) if neutral[i]]
         renders = {}
         if want:
@@ -221,4 +241,5 @@ class Analyzer:
         neutral, diff = self._render(states, residue=kind == "residue")
         if kind == "neutral":
             return [png_bytes(img) for img in neutral]
-        return [png_bytes(residue_heatmap(s.aligned, d)) for s, d in zip(states, diff)]
+        return [png_bytes(residue_heatmap(self._large(s) if self.model.edits_input else s.aligned, d))
+                for s, d in zip(states, diff)]

@@ -91,7 +91,15 @@ class GeneratorObjective(nn.Module):
             return self._total(terms)
 
         # 2. render: reconstruction G(id,pose,exp), neutral G(id,pose), residue = difference
-        recon, render, residue = model.residue(batch["identity"], enc["pose_feat"], enc["exp"])
+        if model.edits_input:
+            recon, render, residue, fields = _edit(model, batch["identity"], enc, x)
+            # the neutral edit is as small and as smooth as it can be: it removes the
+            # expression and leaves the rest of the face (and the person) as it is
+            d, shade = fields[:, :2] / model.decoder.MAX_SHIFT, fields[:, 2:] / model.decoder.MAX_SHADE
+            terms["edit_size"] = d.pow(2).sum(1).mean() + shade.abs().mean()
+            terms["edit_smooth"] = sum((f.diff(dim=dim).pow(2).mean()) for f in (d, shade) for dim in (2, 3))
+        else:
+            recon, render, residue = model.residue(batch["identity"], enc["pose_feat"], enc["exp"])
         terms["reconstruction"] = F.l1_loss(recon, x)
         terms["neutral_self"] = F.l1_loss(render[neutral], x[neutral]) if neutral.any() else zero
 
@@ -104,7 +112,11 @@ class GeneratorObjective(nn.Module):
         # 4. the render must read as neutral to the expression classifier. Its
         #    parameters are detached: this term trains G, not the classifier.
         params = {k: v.detach() for k, v in model.named_parameters()}
-        logits = _classify_frozen(model, params, dict(model.named_buffers()), render)
+        #    Half the renders are mirrored: the edit must read as neutral either way,
+        #    not exploit one view of the classifier.
+        mirror = torch.rand(render.shape[0], device=render.device) < 0.5
+        judged = torch.where(mirror.view(-1, 1, 1, 1), render.flip(3), render)
+        logits = _classify_frozen(model, params, dict(model.named_buffers()), judged)
         terms["neutral_class"] = F.cross_entropy(logits, torch.full_like(y, NEUTRAL))
 
         # 5. same person: identity of the render (every few steps, on a subset: dlib is costly)
@@ -122,6 +134,14 @@ class GeneratorObjective(nn.Module):
     def _total(self, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         total = sum(getattr(self.w, k) * v for k, v in terms.items())
         return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _edit(model: IPDFER, identity: torch.Tensor, enc: dict[str, torch.Tensor], x: torch.Tensor):
+    """The editor's reconstruction, neutral render, residue and the neutral edit's fields."""
+    fields = model.decoder.fields(x, identity, enc["pose_feat"])
+    render = model.decoder.apply(x, fields)
+    recon = model.render(identity, enc["pose_feat"], enc["exp"], face=x)
+    return recon, render, recon - render, fields
 
 
 def _classify_frozen(model: IPDFER, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:

@@ -154,6 +154,68 @@ class Decoder(nn.Module):
         return torch.tanh(self.out(h))
 
 
+class NeutralEditor(nn.Module):
+    """G as an editor of the input face: G(x; id, pose[, exp]) moves x's pixels by a
+    smooth displacement field and adds a smooth shading correction. The neutral face
+    is G(x; id, pose) (expression code zero), the reconstruction G(x; id, pose, exp),
+    and the residue their difference, as with the painting decoder; but every pixel
+    of a render comes from the input, so renders stay sharp and keep the person.
+
+    The fields are predicted on a coarse grid (`edit_grid`² from the S×S face) and
+    upsampled bilinearly: they are smooth by construction (no pixel-level adversarial
+    pattern can fool the classifier loss), and the same fields apply to a larger
+    crop of the same face (`render_size`), so renders can be bigger than the model's input."""
+
+    MAX_SHIFT = 0.15   # displacement bound, in grid_sample units (2 = the face width)
+    MAX_SHADE = 0.5    # shading bound, in [-1, 1] pixel units
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.exp_dim = cfg.exp_dim
+        code = cfg.id_dim + cfg.pose_dim + cfg.exp_dim
+        w = cfg.editor_widths
+        n_down = (cfg.image_size // cfg.edit_grid).bit_length() - 1
+        assert cfg.edit_grid * 2 ** n_down == cfg.image_size and len(w) == n_down + 1, \
+            "image_size / edit_grid must be 2^k with len(editor_widths) = k + 1"
+        self.stem = nn.Sequential(nn.Conv2d(1, w[0], 3, 1, 1, bias=False), nn.BatchNorm2d(w[0]),
+                                  nn.ReLU(inplace=True))
+        self.down = nn.Sequential(*[ResBlock(w[i], w[i + 1], stride=2) for i in range(n_down)])
+        # the code modulates the coarse features twice (FiLM): which expression to keep
+        self.film1, self.film2 = nn.Linear(code, 2 * w[-1]), nn.Linear(code, 2 * w[-1])
+        self.mid1, self.mid2 = ResBlock(w[-1], w[-1]), ResBlock(w[-1], w[-1])
+        self.head = nn.Conv2d(w[-1], 3, 3, 1, 1)
+        nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)  # starts as the identity edit
+
+    def fields(self, x: torch.Tensor, identity: torch.Tensor, pose: torch.Tensor,
+               expression: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,3,g,g): displacement (x, y) in grid_sample units and shading."""
+        if expression is None:
+            expression = identity.new_zeros(identity.shape[0], self.exp_dim)
+        z = torch.cat([identity, pose, expression], dim=1)
+        h = self.down(self.stem(x))
+        for film, block in ((self.film1, self.mid1), (self.film2, self.mid2)):
+            scale, shift = film(z).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+            h = block(h * (1 + scale) + shift)
+        f = torch.tanh(self.head(h))
+        return torch.cat([f[:, :2] * self.MAX_SHIFT, f[:, 2:] * self.MAX_SHADE], dim=1)
+
+    @staticmethod
+    def apply(face: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        """Edit a face (N,1,R,R) in [-1,1], R any size, with coarse fields."""
+        n, _, r, _ = face.shape
+        f = F.interpolate(fields.float(), size=(r, r), mode="bilinear", align_corners=False)
+        base = F.affine_grid(torch.eye(2, 3, device=face.device).expand(n, 2, 3), [n, 1, r, r],
+                             align_corners=False)
+        warped = F.grid_sample(face.float(), base + f[:, :2].permute(0, 2, 3, 1), mode="bilinear",
+                               padding_mode="border", align_corners=False)
+        return (warped + f[:, 2:]).clamp(-1, 1).to(face.dtype)
+
+    def forward(self, x: torch.Tensor, identity: torch.Tensor, pose: torch.Tensor,
+                expression: torch.Tensor | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Edited x, or edited `target` (a larger crop of the same face) when given."""
+        return self.apply(x if target is None else target, self.fields(x, identity, pose, expression))
+
+
 class Discriminator(nn.Module):
     """Real vs rendered faces; spectral norm keeps the hinge GAN stable."""
 
@@ -178,11 +240,14 @@ class IPDFER(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.renderer not in ("decoder", "editor"):
+            raise ValueError(f"unknown renderer {cfg.renderer!r}: use 'decoder' or 'editor'")
         self.exp_encoder = expression_encoder(cfg)
         self.exp_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.exp_dim, cfg.num_classes))
         self.pose_encoder = ConvEncoder(cfg.pose_widths, cfg.pose_blocks, cfg.pose_dim)
         self.pose_head = nn.Linear(cfg.pose_dim, 3)   # yaw, pitch, roll in units of 45°
-        self.decoder = Decoder(cfg)
+        # G: "decoder" paints the face from the codes (weights <= 0.4.0); "editor" edits the input
+        self.decoder = NeutralEditor(cfg) if cfg.renderer == "editor" else Decoder(cfg)
         # Classifies the residue G(id,pose,exp) - G(id,pose): expression and nothing else.
         self.residue_head = nn.Sequential(
             ConvEncoder(cfg.residue_widths, 1, cfg.residue_widths[-1]),
@@ -210,14 +275,26 @@ class IPDFER(nn.Module):
         return {"logits": logits, "probs": probs, "pose": self.pose_head(pose_feat) * self.POSE_SCALE,
                 "exp": exp, "pose_feat": pose_feat}
 
-    def render(self, identity: torch.Tensor, pose_feat: torch.Tensor,
-               exp: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def edits_input(self) -> bool:
+        return self.cfg.renderer == "editor"
+
+    def render(self, identity: torch.Tensor, pose_feat: torch.Tensor, exp: torch.Tensor | None = None,
+               face: torch.Tensor | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
+        """G(id, pose[, exp]). The editor also needs the face (N,1,S,S) it edits, and
+        renders `target` (a larger crop of that face, N,1,R,R) when given; the
+        painting decoder ignores both and renders S×S."""
         assert_shape(identity, (None, self.cfg.id_dim))
+        if self.edits_input:
+            if face is None:
+                raise ValueError("the editor renderer needs the face it edits")
+            return self.decoder(face, identity, pose_feat, exp, target)
         return self.decoder(identity, pose_feat, exp)
 
-    def residue(self, identity: torch.Tensor, pose_feat: torch.Tensor, exp: torch.Tensor
+    def residue(self, identity: torch.Tensor, pose_feat: torch.Tensor, exp: torch.Tensor,
+                face: torch.Tensor | None = None, target: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(reconstruction, neutral render, residue = reconstruction - neutral)."""
-        recon = self.render(identity, pose_feat, exp)
-        neutral = self.render(identity, pose_feat)
+        recon = self.render(identity, pose_feat, exp, face, target)
+        neutral = self.render(identity, pose_feat, None, face, target)
         return recon, neutral, recon - neutral

@@ -111,14 +111,27 @@ class EMA:
                 e.copy_(p)
 
 
+# ModelConfig fields that only shape G: --init may change them (G then starts fresh)
+RENDERER_KEYS = ("renderer", "dec_widths", "editor_widths", "edit_grid", "render_size")
+
+
 def warm_start(model: IPDFER, weights_dir: Path, cfg: TrainConfig) -> dict:
     """Load exported weights into `model` (same architecture required); returns
     what the checkpoint and manifest record about the parent weights."""
     from model.weights import load_weights
     loaded = load_weights(weights_dir)
-    if to_dict(loaded.config) != to_dict(cfg.model):
+    theirs, ours = to_dict(loaded.config), to_dict(cfg.model)
+    same_renderer = theirs["renderer"] == ours["renderer"]
+    if not same_renderer:  # a new renderer on trained encoders: G starts fresh, the rest is loaded
+        for key in RENDERER_KEYS:
+            theirs.pop(key), ours.pop(key)
+    if theirs != ours:
         raise ValueError(f"{weights_dir} holds a different architecture than this config's model section")
-    model.load_state_dict(loaded.model.state_dict())
+    state = loaded.model.state_dict()
+    if not same_renderer:
+        state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("decoder.")})
+    model.load_state_dict(state)
     return {k: loaded.manifest.get(k) for k in ("name", "version", "sha256")}
 
 

@@ -1,0 +1,87 @@
+"""The editing renderer: G moves the input's own pixels by smooth fields, so
+renders are sharp, keep the person, and can be larger than the model's input."""
+import dataclasses
+
+import numpy as np
+import skimage.data
+import torch
+
+from model import face as facelib
+from model.config import LossWeights, ModelConfig
+from model.inference import FaceState
+from model.losses import GeneratorObjective
+from model.networks import IPDFER, NeutralEditor
+from tests.test_losses import batch_of
+
+EDITOR = ModelConfig(renderer="editor")
+
+
+def astronaut_crops():
+    image = skimage.data.astronaut()
+    det = facelib.FaceDetector().detect([image])[0][0]
+    return facelib.align_face(image, det.landmarks, 64), facelib.align_face(image, det.landmarks, 128)
+
+
+def test_a_new_editor_is_the_identity_edit():
+    # the head starts at zero: a fresh renderer returns its input, at any size
+    torch.manual_seed(0)
+    model = IPDFER(EDITOR).eval()
+    small, large = (facelib.to_model_input(c[None]) for c in astronaut_crops())
+    ident, pose = torch.randn(1, 128), torch.randn(1, EDITOR.pose_dim)
+    with torch.no_grad():
+        assert (model.render(ident, pose, face=small) - small).abs().max() < 1e-5
+        out = model.render(ident, pose, face=small, target=large)
+    assert out.shape == (1, 1, 128, 128) and (out - large).abs().max() < 1e-5
+
+
+def test_one_field_moves_small_and_large_crops_by_the_same_share_of_the_face():
+    # a uniform displacement of 2/64 of the width (grid units span 2) moves pixels
+    # 1 px at 64 and 2 px at 128: the fields are resolution-free
+    small, large = (facelib.to_model_input(c[None]) for c in astronaut_crops())
+    fields = torch.zeros(1, 3, 16, 16)
+    fields[:, 0] = 2 / 64  # sample from the right: content moves left
+    for face, px in ((small, 1), (large, 2)):
+        moved = NeutralEditor.apply(face, fields)
+        assert torch.allclose(moved[..., 8:-8, 8:-8 - px], face[..., 8:-8, 8 + px:-8], atol=1e-4)
+    shade = torch.zeros(1, 3, 16, 16)
+    shade[:, 2] = 0.2
+    assert torch.allclose(NeutralEditor.apply(small * 0.5, shade), small * 0.5 + 0.2, atol=1e-5)
+
+
+def test_editor_terms_train_the_editor_and_keep_the_edit_small():
+    torch.manual_seed(0)
+    model = IPDFER(EDITOR)
+    torch.nn.init.normal_(model.decoder.head.weight, std=0.05)  # a non-trivial edit
+    total, terms = GeneratorObjective(LossWeights())(model, batch_of(), discriminator=None, use_identity=False)
+    assert terms["edit_size"] > 0 and terms["edit_smooth"] > 0
+    assert all(np.isfinite(v) for v in terms.values())
+    total.backward()
+    assert model.decoder.head.weight.grad.abs().sum() > 0
+    # with only the size term, a step of gradient descent shrinks the edit
+    weights = LossWeights(**{k: 0.0 for k in LossWeights.__dataclass_fields__})
+    weights.edit_size = 1.0
+    model.eval()  # fixed BatchNorm statistics: only the step changes the edit
+    opt = torch.optim.Adam(model.decoder.parameters(), lr=3e-4)
+    sizes = []
+    for _ in range(10):
+        loss, t = GeneratorObjective(weights)(model, batch_of(), discriminator=None, use_identity=False)
+        opt.zero_grad(), loss.backward(), opt.step()
+        sizes.append(t["edit_size"])
+    assert sizes[-1] < sizes[0]
+
+
+def test_face_state_keeps_the_large_crop_and_reads_old_states():
+    small, large = astronaut_crops()
+    chip = np.zeros((150, 150), np.uint8)
+    back = FaceState.from_bytes(FaceState(small, chip, large).to_bytes())
+    assert np.array_equal(back.large, large) and np.array_equal(back.aligned, small)
+    assert FaceState.from_bytes(FaceState(small, chip).to_bytes()).large is None
+
+
+def test_unknown_renderer_is_refused():
+    try:
+        IPDFER(dataclasses.replace(EDITOR, renderer="painter"))
+    except ValueError as exc:
+        assert "painter" in str(exc)
+    else:
+        raise AssertionError("an unknown renderer was accepted")
