@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", type=Path, help="weights of a separately trained classifier "
                    "(e.g. the ablation) that judges whether neutral renders look neutral")
     p.add_argument("--limit", type=int, help="evaluate at most N faces per split")
+    p.add_argument("--neutral-photos", type=Path, metavar="MUXSPACE_DIR",
+                   help="also judge neutral renders of real photos against the same people's real neutral "
+                        "photos (the muxspace folder; needs --reference as the judge): model/neutral_check.py")
 
 
 def labeled_subset(labels: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
@@ -102,7 +105,7 @@ def render_grid(model: IPDFER, faces: datalib.FaceSet, idx: np.ndarray, path: Pa
     x = to_input(faces.images[idx])
     o = model.encode(x)
     identity = torch.from_numpy(np.asarray(faces.identity[idx])).float()
-    recon, neutral, residue = model.residue(identity, o["pose_feat"], o["exp"])
+    recon, neutral, residue = model.residue(identity, o["pose_feat"], o["exp"], face=x)
     cols = [("input", x), ("neutral render", neutral), ("reconstruction", recon), ("residue", residue)]
     fig, axes = plt.subplots(len(idx), 4, figsize=(6, 1.6 * len(idx)), squeeze=False)
     for r in range(len(idx)):
@@ -170,7 +173,7 @@ def neutral_render_checks(model: IPDFER, judge: IPDFER, idloss, faces: datalib.F
         b = idx[s:s + 64]
         x = to_input(faces.images[b])
         o = model.encode(x)
-        render = model.render(torch.from_numpy(np.asarray(faces.identity[b])).float(), o["pose_feat"])
+        render = model.render(torch.from_numpy(np.asarray(faces.identity[b])).float(), o["pose_feat"], face=x)
         judged = judge.encode(render)
         neutral_votes.append((judged["logits"].argmax(1) == NEUTRAL).numpy())
         judge_feats.append(judged["exp"].numpy())
@@ -228,6 +231,13 @@ def run(args: argparse.Namespace) -> int:
         report["splits"][name] = rep
         print(json.dumps({name: {k: rep[k] for k in ("n", "accuracy", "mean_class_accuracy", "macro_f1",
                                                      "pose_mae_deg")}}))
+    if args.neutral_photos:
+        if judge is None:
+            raise SystemExit("--neutral-photos needs --reference (the judge of neutral renders)")
+        from model.inference import Analyzer
+        from model.neutral_check import neutral_photo_check
+        report["neutral_photos"] = neutral_photo_check(Analyzer(loaded, device="cpu"), judge, args.neutral_photos,
+                                                       out=args.out)
     if args.probes:
         report["probes"] = probes(model, args.data_cache, args.limit)
         print(json.dumps(report["probes"]))

@@ -481,6 +481,12 @@ class CropLocator:
 # 5. The pipeline
 # ---------------------------------------------------------------------------
 
+class Faces(list):
+    """The faces of one image, best detection first; `detected` counts every face
+    found, also those a cap left out (their crops are never cut)."""
+    detected: int = 0
+
+
 @dataclass
 class Face:
     detection: Detection | None  # None: input given as aligned, or the fallback crop
@@ -528,7 +534,7 @@ class FacePipeline:
                     large=align_face(image, landmarks, self.render_size) if self.render_size else None)
 
     def process(self, images: list[np.ndarray], aligned: bool = False,
-                max_faces: int | None = None) -> list[list[Face]]:
+                max_faces: int | None | list[int | None] = None) -> list[Faces]:
         """One list of Faces per image, best detection first.
 
         aligned=True: each image is a crop of one face (FER2013-style, any size). Its
@@ -537,14 +543,21 @@ class FacePipeline:
         where no face was found and the central square was used.
         """
         images = [_as_rgb(im) for im in images]
+        caps = max_faces if isinstance(max_faces, list) else [max_faces] * len(images)
         if aligned:
-            return [[self._face(im, loc["landmarks"], None, loc["source"] == SOURCE_FALLBACK)]
+            return [faces_found([self._face(im, loc["landmarks"], None, loc["source"] == SOURCE_FALLBACK)], 1)
                     for im, loc in zip(images, self.crops.locate(images))]
         out = []
-        for image, dets in zip(images, self.detector.detect(images)):
-            faces = [self._face(image, d.landmarks, d, False) for d in dets[:max_faces]]
+        for image, dets, cap in zip(images, self.detector.detect(images), caps):
+            faces = [self._face(image, d.landmarks, d, False) for d in dets[:cap]]
             if not faces and self.fallback_to_center:
                 landmarks = center_landmarks(image.shape, self.center_margin, self.center_dy)
                 faces = [self._face(image, landmarks, None, True)]
-            out.append(faces)
+            out.append(faces_found(faces, max(len(dets), len(faces))))
         return out
+
+
+def faces_found(faces: list[Face], detected: int) -> Faces:
+    out = Faces(faces)
+    out.detected = detected
+    return out

@@ -174,9 +174,10 @@ class Analyzer:
 
     # -- public API -------------------------------------------------------------
     def analyze(self, images: list[np.ndarray], aligned: list[bool], max_faces: list[int | None],
-                neutral: list[bool]) -> list[list[FacePrediction] | Exception]:
-        """One result slot per image: its faces, or the Exception that image
-        raised. A failing image never fails its neighbours."""
+                neutral: list[bool]) -> list[facelib.Faces | Exception]:
+        """One result slot per image: its faces (`FacePrediction`s, with `.detected`
+        counting the faces found before the `max_faces` cap), or the Exception that
+        image raised. A failing image never fails its neighbours."""
         n = len(images)
         assert len(aligned) == len(max_faces) == len(neutral) == n
         t0 = time.perf_counter()
@@ -188,8 +189,8 @@ class Analyzer:
                                                         [max_faces[i] for i in idx])):
                     faces[i] = result
         flat = [(i, f) for i, fs in enumerate(faces) if not isinstance(fs, Exception) for f in fs]
-        results: list[list[FacePrediction] | Exception] = [
-            fs if isinstance(fs, Exception) else [] for fs in faces]
+        results: list[facelib.Faces | Exception] = [
+            fs if isinstance(fs, Exception) else facelib.faces_found([], getattr(fs, "detected", len(fs))) for fs in faces]
         t1 = time.perf_counter()
         self.last_timings = {"detect_s": t1 - t0, "model_s": 0.0}
         if not flat:
@@ -220,17 +221,16 @@ class Analyzer:
 
     def _process(self, images: list[np.ndarray], aligned: bool, max_faces: list[int | None]
                  ) -> list[list[facelib.Face] | Exception]:
-        try:
-            batch = self.pipeline.process(images, aligned=aligned)
+        try:  # faces beyond an image's cap are never aligned nor rendered
+            return self.pipeline.process(images, aligned=aligned, max_faces=list(max_faces))
         except Exception:  # isolate the failing image by retrying one at a time
             batch = []
-            for img in images:
+            for img, m in zip(images, max_faces):
                 try:
-                    batch.append(self.pipeline.process([img], aligned=aligned)[0])
+                    batch.append(self.pipeline.process([img], aligned=aligned, max_faces=[m])[0])
                 except Exception as exc:  # noqa: BLE001 - returned to that image's caller
                     batch.append(exc)
-        return [fs if isinstance(fs, Exception) or m is None else fs[:m]
-                for fs, m in zip(batch, max_faces)]
+            return batch
 
     def render(self, states: list[FaceState], kind: str = "neutral") -> list[bytes]:
         """PNG per state: the neutral render, or the residue heatmap."""

@@ -148,7 +148,8 @@ async def predict(request: Request, options: Annotated[PredictOptions, Query()],
     reply = await backend.analyze(image, aligned=options.aligned, max_faces=options.max_faces,
                                   neutral=options.neutral)
     metrics.observe_reply(reply)
-    return PredictOut(request_id=request_id(request), faces=reply["faces"], image=reply["image"],
+    return PredictOut(request_id=request_id(request), faces=reply["faces"],
+                      faces_skipped=reply.get("faces_skipped", 0), image=reply["image"],
                       model=reply["model"], worker=reply["worker"], batch_size=reply["batch_size"],
                       timings={**reply["timings"], "total_ms": round((time.perf_counter() - t0) * 1000, 2)})
 

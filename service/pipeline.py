@@ -75,8 +75,9 @@ class Pipeline:
     one batching loop owns one Pipeline."""
 
     def __init__(self, analyzer: Any, *, max_pixels: int, max_bytes: int, min_side: int = 16,
-                 worker: str = "inprocess") -> None:
+                 max_faces: int = 16, worker: str = "inprocess") -> None:
         self.analyzer = analyzer
+        self.max_faces = max_faces  # server cap per image; a job may ask for fewer
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
         self.min_side = min_side
@@ -97,7 +98,7 @@ class Pipeline:
         log.info("model %s loaded and warmed up on %s in %.1f s", analyzer.info.get("sha256", "")[:12],
                  analyzer.info.get("device"), time.perf_counter() - t0)
         return cls(analyzer, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes,
-                   min_side=settings.min_image_side, worker=worker)
+                   min_side=settings.min_image_side, max_faces=settings.max_faces, worker=worker)
 
     def __call__(self, jobs: list[Job]) -> list[Outcome | Exception]:
         started = time.time()
@@ -145,7 +146,8 @@ class Pipeline:
             return
         t0 = time.perf_counter()
         results = self.analyzer.analyze(images, aligned=[jobs[i].aligned for i in ok],
-                                        max_faces=[jobs[i].max_faces for i in ok],
+                                        max_faces=[min(jobs[i].max_faces or self.max_faces, self.max_faces)
+                                                   for i in ok],
                                         neutral=[jobs[i].neutral for i in ok])
         batch_ms = (time.perf_counter() - t0) * 1000
         detect_ms = getattr(self.analyzer, "last_timings", {}).get("detect_s", 0.0) * 1000
@@ -167,6 +169,7 @@ class Pipeline:
                 faces.append(face)
             out[i] = Outcome({
                 "status": 200, "faces": faces,
+                "faces_skipped": max(0, getattr(res, "detected", len(faces)) - len(faces)),
                 "image": {"width": int(img.shape[1]), "height": int(img.shape[0])},
                 "model": self.info, "worker": self.worker, "batch_size": len(ok),
                 "timings": self._timings(jobs[i], started, decode_ms=decode_ms[i], detect_ms=detect_ms,

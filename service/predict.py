@@ -74,7 +74,8 @@ def predict_files(pipeline: Any, files: list[Path], *, aligned: bool = False, ma
                     target = neutral_dir / f"{path.stem}_face{n}_neutral.png"
                     target.write_bytes(base64.b64decode(png))
                     face["neutral_file"] = str(target)
-            lines[k] = {"file": str(path), "faces": reply["faces"], "image": reply["image"],
+            lines[k] = {"file": str(path), "faces": reply["faces"], "faces_skipped": reply.get("faces_skipped", 0),
+                        "image": reply["image"],
                         "model": reply["model"], "timings": reply["timings"]}
         for k in range(len(batch)):
             line = lines[k]

@@ -88,6 +88,8 @@ class ImageSize(BaseModel):
 class PredictOut(BaseModel):
     request_id: str
     faces: list[FaceOut] = Field(description="Detected faces, best detection first ([] = no face).")
+    faces_skipped: int = Field(0, ge=0, description="Faces detected beyond the request's max_faces or "
+                                                    "the server's IPDFER_MAX_FACES cap, not analysed.")
     image: ImageSize
     model: ModelInfo
     worker: str = Field(description="Which worker served the request.")

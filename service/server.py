@@ -5,8 +5,8 @@
 
 Errors are JSON `{"detail": "..."}` (422 adds `errors`), turned from service
 exceptions into HTTP answers here, at the edge. Every response carries
-`X-Request-ID` (the client's, if it sent a sane one). `GET /` is left free: a
-`service/static/` folder, when present, is served there.
+`X-Request-ID` (the client's, if it sent a sane one). `GET /` serves the try-it
+page from `service/static/`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -120,7 +121,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:  # Allow lists every route of the path, not just the first one found
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request.url.path))}
+        return _error(exc.status_code, str(exc.detail), headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -130,10 +134,44 @@ def install_error_handlers(app: FastAPI) -> None:
                            for e in errors) or "invalid request"
         return _error(422, detail, errors=errors)
 
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        # Not a server error: one log line, and 499 ("client closed request", as nginx
+        # counts it) in the metrics; nobody reads the answer.
+        log.info("client disconnected before sending its whole request: %s %s", request.method, request.url.path)
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return _error(500, f"internal error: {type(exc).__name__}")
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Methods for which some route of the app fully matches `path`."""
+    from starlette.routing import Match
+    allowed = []
+    for method in sorted(_HTTP_METHODS):
+        scope = {"type": "http", "path": path, "method": method, "root_path": "", "headers": []}
+        if any(route.matches(scope)[0] == Match.FULL for route in app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
+def add_web_page(app: FastAPI) -> None:
+    """The try-it page's files as explicit GET routes (not a catch-all mount at "/",
+    which answered every unknown path and method itself: GET /predict was a 404)."""
+    from fastapi.responses import FileResponse
+    files = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
+    def serve(path: Path):  # no parameters: nothing of the request chooses the file
+        def page() -> FileResponse:
+            return FileResponse(path)
+        return page
+
+    for url, name in files.items():
+        if (STATIC_DIR / name).is_file():
+            app.add_api_route(url, serve(STATIC_DIR / name), methods=["GET", "HEAD"], include_in_schema=False,
+                              name=f"static:{name}")
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend | None = None) -> FastAPI:
@@ -156,9 +194,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     install_error_handlers(app)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     app.include_router(router)
-    if STATIC_DIR.is_dir():  # a small page to try it in a browser, at GET /
-        from fastapi.staticfiles import StaticFiles
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    add_web_page(app)  # a small page to try it in a browser, at GET /
     return app
 
 

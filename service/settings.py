@@ -45,9 +45,11 @@ class Settings(BaseSettings):
                             "to GET /neutralize?face_id=... (404 after).")
     face_cache_max: int = Field(10_000, ge=1, description="In-process mode: most faces kept for "
                                 "GET /neutralize (oldest evicted first).")
-    visibility_timeout_s: float = Field(30.0, gt=0, description="A job delivered to a worker and "
+    visibility_timeout_s: float = Field(10.0, gt=0, description="A job delivered to a worker and "
                                         "not acknowledged within this is reclaimed by another worker "
-                                        "(XAUTOCLAIM). Must exceed the slowest batch.")
+                                        "(XAUTOCLAIM). Must exceed the slowest batch and stay below "
+                                        "request_timeout_s, or a crashed worker's jobs are reclaimed "
+                                        "only after their clients got a 504 (refused otherwise).")
     max_attempts: int = Field(3, ge=1, description="Deliveries of a job before it goes to the "
                               "dead-letter stream and its client gets a 500 with the reason.")
     dead_letter_maxlen: int = Field(10_000, ge=1, description="Dead-letter stream length cap.")
@@ -60,6 +62,9 @@ class Settings(BaseSettings):
                                 "enforced while reading (413).")
     max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height), checked "
                             "from the header before decoding (413).")
+    max_faces: int = Field(16, ge=1, le=64, description="Most faces analysed per image (best detections "
+                           "first; the reply's faces_skipped counts the rest). A request's max_faces "
+                           "can lower it, not raise it: one crowded photo cannot hold a batch for seconds.")
     min_image_side: int = Field(16, ge=1, description="Smallest accepted image side in pixels (422 "
                                 "below: no face can be found in fewer pixels).")
     api_key: SecretStr | None = Field(None, description="If set, /predict and /neutralize require "
@@ -86,6 +91,10 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if self.redis_url == "":
             self.redis_url = None
+        if self.visibility_timeout_s >= self.request_timeout_s:
+            raise ValueError(f"visibility_timeout_s ({self.visibility_timeout_s:g}) must be below "
+                             f"request_timeout_s ({self.request_timeout_s:g}): a crashed worker's jobs are "
+                             "reclaimed after the visibility timeout, and their clients wait only the request timeout")
         return self
 
     @property

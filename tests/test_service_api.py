@@ -184,7 +184,8 @@ def test_neutral_renders_are_decodable_pngs(service_pipeline):
             assert r.status_code == 200, r.text
             face = r.json()["faces"][0]
             inline = Image.open(io.BytesIO(base64.b64decode(face["neutral_png"])))
-            assert inline.format == "PNG" and inline.size[0] > 0
+            # renders big enough to look at (the editing renderer edits a 128 px crop)
+            assert inline.format == "PNG" and min(inline.size) >= 112
 
             r = await c.get("/neutralize", params={"face_id": face["face_id"]})
             assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -225,6 +226,33 @@ def test_aligned_input_skips_detection(service_pipeline):
             assert_valid_prediction(body, 160, 160)
             (face,) = body["faces"]
             assert face["box"] is None and face["landmarks"] is None and face["score"] is None
+    run(go())
+
+
+def crowd(tile: int = 160, rows: int = 4, cols: int = 5) -> np.ndarray:
+    """One photo of rows x cols copies of the astronaut's face."""
+    face = np.ascontiguousarray(astronaut()[30:30 + tile, 145:145 + tile])
+    return np.vstack([np.hstack([face] * cols)] * rows)
+
+
+def test_faces_per_image_are_capped_and_the_reply_counts_the_rest(service_pipeline):
+    from service.pipeline import Pipeline
+    capped = Pipeline(service_pipeline.analyzer, max_pixels=40_000_000, max_bytes=20 << 20, max_faces=3,
+                      worker="test")
+    jpg = encode(crowd(), "JPEG", quality=95)
+
+    async def go():
+        async with app_client(settings(), [capped]) as c:
+            r = await c.post("/predict?neutral=true", content=jpg)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert len(body["faces"]) == 3 and all(f["neutral_png"] for f in body["faces"])
+            assert body["faces_skipped"] >= 10, body["faces_skipped"]  # 20 faces in the photo
+            detected = len(body["faces"]) + body["faces_skipped"]
+            r = await c.post("/predict?max_faces=2", content=jpg)   # a request may ask for fewer ...
+            assert len(r.json()["faces"]) == 2 and r.json()["faces_skipped"] == detected - 2
+            r = await c.post("/predict?max_faces=10", content=jpg)  # ... not for more than the server's cap
+            assert len(r.json()["faces"]) == 3
     run(go())
 
 
@@ -376,7 +404,7 @@ def test_result_not_in_time_is_504():
     fake = BlockingFake()
 
     async def go():
-        async with app_client(settings(request_timeout_s=0.3), [fake]) as c:
+        async with app_client(settings(request_timeout_s=0.3, visibility_timeout_s=0.2), [fake]) as c:
             r = await c.post("/predict", content=encode(astronaut(), "JPEG"))
             assert r.status_code == 504 and "timed out" in r.json()["detail"]
             fake.release.set()
@@ -402,8 +430,8 @@ def test_not_ready_until_the_model_loads(tmp_path):
 
 
 def test_metric_labels_stay_bounded_for_junk_paths_and_methods(service_pipeline):
-    """Random paths answered by the web page's mount (405) or nothing (404), and
-    invented methods, must not become metric labels: /metrics would grow per request."""
+    """Random paths (404) and invented methods must not become metric labels:
+    /metrics would grow per request."""
     async def go():
         async with app_client(settings(), [service_pipeline]) as c:
             before = len((await c.get("/metrics")).text)
@@ -413,7 +441,59 @@ def test_metric_labels_stay_bounded_for_junk_paths_and_methods(service_pipeline)
                 await c.request(f"BREW{i}", "/healthz")
             text = (await c.get("/metrics")).text
             assert "zz" not in text and "BREW" not in text
-            assert 'route="unmatched",status="405"' in text and 'method="other"' in text
+            assert 'route="unmatched",status="404"' in text and 'method="other"' in text
             # growth is a few label sets, not 120 of them
             assert len(text) - before < 30_000
     run(go())
+
+
+def test_a_visibility_timeout_that_outlasts_the_request_timeout_is_refused():
+    # reclaim after the client gave up turns every job of a crashed worker into a 504
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="visibility_timeout_s"):
+        Settings(redis_url=None, visibility_timeout_s=30, request_timeout_s=30)
+    assert Settings(redis_url=None).visibility_timeout_s < Settings(redis_url=None).request_timeout_s
+
+
+def test_wrong_methods_on_api_paths_are_405_with_the_full_allow_list(service_pipeline):
+    async def go():
+        async with app_client(settings(), [service_pipeline]) as c:
+            r = await c.get("/predict")
+            assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["detail"]
+            r = await c.options("/neutralize")  # GET /neutralize and POST /neutralize are two routes
+            assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+            assert (await c.post("/x-unknown")).status_code == 404
+            r = await c.get("/")
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+            assert (await c.get("/style.css")).status_code == 200
+            assert (await c.get("/screenshot.png")).status_code == 404  # only the page's own files
+    run(go())
+
+
+def test_a_client_that_drops_mid_upload_is_not_a_server_error(service_pipeline, caplog):
+    """The ASGI server tells the app `http.disconnect` while the body is being read."""
+    app = create_app(settings(), backend=InProcessBackend(settings(), pipelines=[service_pipeline]))
+    sent: list[dict] = []
+
+    async def go():
+        messages = iter([{"type": "http.request", "body": b"\xff\xd8\xff" + b"\0" * 1000, "more_body": True},
+                         {"type": "http.disconnect"}])
+
+        async def receive():
+            return next(messages, {"type": "http.disconnect"})
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"image/jpeg"), (b"content-length", b"100000")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await app(scope, receive, send)
+
+    caplog.set_level("INFO")
+    run(go())
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    assert status == 499
+    assert not [r for r in caplog.records if r.exc_info], "a disconnect must not log a traceback"
+    assert any("disconnected" in r.getMessage() for r in caplog.records)

@@ -196,7 +196,7 @@ def test_worker_sigkilled_mid_batch_loses_no_job(cluster, shared_dir):
 
 def test_queue_full_and_no_worker_answer_503_at_once(redis_server):
     prefix = f"q{uuid.uuid4().hex[:8]}"
-    s = Settings(redis_url=redis_server.url, queue_prefix=prefix, queue_maxlen=2, request_timeout_s=5,
+    s = Settings(redis_url=redis_server.url, queue_prefix=prefix, queue_maxlen=2, request_timeout_s=5, visibility_timeout_s=2,
                  retry_after_s=2)
     jpg = encode(astronaut(), "JPEG")
 
