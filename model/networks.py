@@ -34,6 +34,25 @@ class ResBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
 
 
+class GroupNormBlock(nn.Module):
+    """ResBlock with GroupNorm: the same output in training and inference, whatever
+    the batch (BatchNorm let the editor's edits depend on batch statistics: in
+    training they were twice the size they had at inference)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(groups, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(groups, cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.norm2(self.conv2(y)) + self.shortcut(x))
+
+
 class ConvEncoder(nn.Module):
     """Grayscale face (N,1,S,S) -> feature vector (N,out_dim). Each stage halves
     the resolution, so S=64 ends at 4×4 with four stages."""
@@ -177,12 +196,12 @@ class NeutralEditor(nn.Module):
         n_down = (cfg.image_size // cfg.edit_grid).bit_length() - 1
         assert cfg.edit_grid * 2 ** n_down == cfg.image_size and len(w) == n_down + 1, \
             "image_size / edit_grid must be 2^k with len(editor_widths) = k + 1"
-        self.stem = nn.Sequential(nn.Conv2d(1, w[0], 3, 1, 1, bias=False), nn.BatchNorm2d(w[0]),
+        self.stem = nn.Sequential(nn.Conv2d(1, w[0], 3, 1, 1, bias=False), nn.GroupNorm(8, w[0]),
                                   nn.ReLU(inplace=True))
-        self.down = nn.Sequential(*[ResBlock(w[i], w[i + 1], stride=2) for i in range(n_down)])
+        self.down = nn.Sequential(*[GroupNormBlock(w[i], w[i + 1], stride=2) for i in range(n_down)])
         # the code modulates the coarse features twice (FiLM): which expression to keep
         self.film1, self.film2 = nn.Linear(code, 2 * w[-1]), nn.Linear(code, 2 * w[-1])
-        self.mid1, self.mid2 = ResBlock(w[-1], w[-1]), ResBlock(w[-1], w[-1])
+        self.mid1, self.mid2 = GroupNormBlock(w[-1], w[-1]), GroupNormBlock(w[-1], w[-1])
         self.head = nn.Conv2d(w[-1], 3, 3, 1, 1)
         nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)  # starts as the identity edit
 
