@@ -1,5 +1,5 @@
 """Faces per second of the exported encoders (E_exp + E_pose, the per-request
-path) and of the neutral render (E_id + G), at batch 1 and 32.
+path) and of the neutral render (E_id + encoders + G; the editor renders render_size²), at batch 1 and 32.
 
     .venv/bin/python benchmarks/encoder_speed.py [--weights weights] [--device cpu]
 """
@@ -39,9 +39,12 @@ def main() -> None:
     for batch in (1, 32):
         x = torch.randn(batch, 1, s, s, device=args.device)
         chips = torch.rand(batch, 3, 150, 150, device=args.device) * 255
+        r = model.cfg.render_size if model.edits_input else s   # the editor renders a larger crop
+        large = torch.rand(batch, 1, r, r, device=args.device) * 2 - 1
         with torch.inference_mode():
             enc = lambda: model.encode(x)  # noqa: E731
-            render = lambda: model.render(identity(chips), model.encode(x)["pose_feat"])  # noqa: E731
+            render = lambda: model.render(identity(chips), model.encode(x)["pose_feat"],  # noqa: E731
+                                          face=x, target=large if model.edits_input else None)
             print(f"{batch:>5} {rate(enc, batch):>17.1f} {rate(render, batch):>23.1f}")
 
 
