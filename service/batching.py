@@ -5,7 +5,10 @@ Shape of the loop (after Ray Serve's batching.py):
      for shutdown);
   2. keep collecting until the batch is full or the deadline passes, the deadline
      measured from the OLDEST job's arrival (`time.monotonic()`), so a job never
-     waits more than `max_wait_s` for company;
+     waits more than `max_wait_s` for company; but only when there is evidence of
+     concurrent load (`busy`: the previous batch had company, or this first get
+     found more than one job). A lone job reaching an idle loop runs at once:
+     waiting would cost a lone client latency and buy nothing;
   3. drain whatever is already there without blocking (never more than the max);
   4. run the batch function once; it must return one result per input, and an
      Exception in a slot fails that job only.
@@ -60,14 +63,20 @@ async def next_batch(
     idle_timeout: float | None = None,
     arrival: Callable[[T], float] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    busy: bool = True,
 ) -> list[T]:
     """One batch of 1..max_batch_size items, or [] if nothing arrived within
     `idle_timeout`. `arrival(item)` gives an item's arrival time on `clock`;
-    without it the time the first item was received counts as its arrival."""
+    without it the time the first item was received counts as its arrival.
+    busy=False (the caller's previous batch held one item): a single first item
+    is not held back for company, only what is already queued joins it."""
     # 1. first item(s)
     batch = await source.get(policy.max_batch_size, idle_timeout)
     if not batch:
         return []
+    if not busy and len(batch) == 1:   # no sign of other clients: drain, do not wait
+        batch.extend(await source.get(policy.max_batch_size - 1, 0))
+        return batch
     oldest = min(arrival(x) for x in batch) if arrival else clock()
     deadline = oldest + policy.max_wait_s
     # 2. fill until full or the oldest item's deadline
@@ -176,8 +185,10 @@ class InProcessBatcher(Generic[T, R]):
                    pool: concurrent.futures.ThreadPoolExecutor) -> None:
         source: QueueSource[_Pending[T]] = QueueSource(self.queue)
         loop = asyncio.get_running_loop()
+        last_size = 0
         while True:
-            batch = await next_batch(source, self.policy, arrival=lambda p: p.arrived)
+            batch = await next_batch(source, self.policy, arrival=lambda p: p.arrived, busy=last_size > 1)
+            last_size = len(batch)
             batch = [p for p in batch if not p.future.done()]  # client gone (timeout, disconnect)
             if not batch:
                 continue

@@ -11,6 +11,7 @@ page from `service/static/`.
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
 import re
 import time
@@ -86,6 +87,25 @@ class ObservabilityMiddleware:
             method = method if method in _HTTP_METHODS else "other"
             self.metrics.requests.labels(path, method, str(status)).inc()
             self.metrics.latency.labels(path, method).observe(time.perf_counter() - t0)
+
+
+OPERATIONS_PATHS = frozenset({"/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class OperationsKeyMiddleware:
+    """IPDFER_PROTECT_OPERATIONS: the API key guards the operations paths as well."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in OPERATIONS_PATHS:
+            given = dict(scope.get("headers") or []).get(b"x-api-key", b"")
+            if not hmac.compare_digest(given, self.key):
+                response = _error(401, "missing or wrong X-API-Key header", {"WWW-Authenticate": "APIKey"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
@@ -192,6 +212,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app = FastAPI(title="IPD-FER", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.backend, app.state.metrics = settings, backend, metrics
     install_error_handlers(app)
+    if settings.protect_operations and settings.api_key:
+        app.add_middleware(OperationsKeyMiddleware, key=settings.api_key.get_secret_value())
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     app.include_router(router)
     add_web_page(app)  # a small page to try it in a browser, at GET /

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
                                 "below: no face can be found in fewer pixels).")
     api_key: SecretStr | None = Field(None, description="If set, /predict and /neutralize require "
                                       "this value in the X-API-Key header (401 otherwise).")
+    protect_operations: bool = Field(False, description="With api_key set: /readyz (worker names, PIDs), "
+                                     "/metrics and the API docs (/docs, /redoc, /openapi.json) require the "
+                                     "key too. Off by default so probes and Prometheus scrape without it; "
+                                     "/healthz and the web page stay open either way.")
 
     # --- model -------------------------------------------------------------------
     weights_dir: Path | None = Field(None, description="Weights folder (manifest + state_dict); "

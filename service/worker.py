@@ -61,13 +61,15 @@ class Worker:
         beat = asyncio.get_running_loop().create_task(self._heartbeat())
         source = RedisSource(self.queue, self.name)
         backoff = 0.1
+        last_size = 0   # the batching rule waits for company only under load (service/batching.py)
         try:
             while not self.stop.is_set():
                 try:
                     jobs = await self.queue.reclaim(self.name, self.policy.max_batch_size)
                     if not jobs:
                         jobs = await next_batch(source, self.policy, idle_timeout=1.0,
-                                                arrival=lambda j: j.received)
+                                                arrival=lambda j: j.received, busy=last_size > 1)
+                        last_size = len(jobs) if jobs else last_size
                     if jobs:
                         await self.handle(jobs)
                     backoff = 0.1

@@ -326,6 +326,14 @@ def test_api_key_when_configured(service_pipeline):
             assert (await c.post("/predict", content=jpg, headers={"X-API-Key": "nope"})).status_code == 401
             assert (await c.post("/predict", content=jpg, headers={"X-API-Key": "s3cret"})).status_code == 200
             assert (await c.get("/healthz")).status_code == 200
+            assert (await c.get("/metrics")).status_code == 200   # open unless asked otherwise
+        key = {"X-API-Key": "s3cret"}
+        async with app_client(settings(api_key="s3cret", protect_operations=True), [service_pipeline]) as c:
+            for path in ("/readyz", "/metrics", "/docs", "/openapi.json"):
+                r = await c.get(path)
+                assert r.status_code == 401 and r.json()["detail"], path
+                assert (await c.get(path, headers=key)).status_code in (200, 503), path
+            assert (await c.get("/healthz")).status_code == 200 and (await c.get("/")).status_code == 200
     run(go())
 
 

@@ -195,3 +195,17 @@ def test_in_process_batcher_two_loops_never_share_a_function():
 
     assert run(go()) == list(range(12))
     assert max(overlaps) == 1
+
+
+def test_a_lone_item_on_an_idle_loop_is_not_held_back():
+    # no sign of other clients (previous batch alone, one item now): drain only, never wait
+    source = ScriptedSource([[1], [2]])
+    t0 = time.monotonic()
+    batch = run(next_batch(source, BatchPolicy(max_batch_size=8, max_wait_s=1000.0), busy=False))
+    assert batch == [1, 2] and time.monotonic() - t0 < 1.0
+    assert source.calls == [(8, None), (7, 0)]
+    # several items at once are a sign of load: the batch waits to fill, as before
+    source = ScriptedSource([[1, 2], [3], []])
+    clock = FakeClock()
+    batch = run(next_batch(source, BatchPolicy(max_batch_size=8, max_wait_s=1000.0), busy=False, clock=clock))
+    assert batch == [1, 2, 3] and source.calls[1] == (6, 1000.0)
