@@ -11,6 +11,8 @@
     {p}:workers         sorted set: worker name -> last heartbeat (Redis server time, ms).
     {p}:worker:{name}   that worker's info (JSON, model name/version/sha256/device), with TTL.
     {p}:face:{face_id}  a face's FaceState bytes for GET /neutralize, with TTL.
+    {p}:faces           sorted set: face_id -> when stored (server ms); at most
+                        `face_store_max` faces are kept, the oldest dropped first.
 
 Delivery: XREADGROUP (`>`) for new jobs; XAUTOCLAIM takes over jobs idle longer than
 the visibility timeout (their worker died or gave them back after an error). A job
@@ -102,6 +104,26 @@ return now
 """
 
 
+_STORE_FACES = """
+-- KEYS: faces zset. ARGV: key prefix, ttl s, max faces, then face_id, state pairs
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+for i = 4, #ARGV, 2 do
+  redis.call('SET', ARGV[1] .. ARGV[i], ARGV[i + 1], 'EX', ttl)
+  redis.call('ZADD', KEYS[1], now, ARGV[i])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl * 1000)  -- expired on their own
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[3])
+if over > 0 then
+  local popped = redis.call('ZPOPMIN', KEYS[1], over)  -- id, score, id, score, ...
+  for i = 1, #popped, 2 do redis.call('DEL', ARGV[1] .. popped[i]) end
+end
+redis.call('PEXPIRE', KEYS[1], ttl * 1000)
+return math.max(over, 0)
+"""
+
+
 def connect(url: str, *, socket_timeout: float | None) -> aioredis.Redis:
     """A client that fails fast when Redis is down: a short connect timeout and one
     immediate retry (which replaces a pooled connection that a Redis restart closed)."""
@@ -124,13 +146,14 @@ class RedisQueue:
     def __init__(self, url: str, *, prefix: str = "ipdfer", maxlen: int = 256,
                  result_ttl_s: int = 60, face_ttl_s: int = 600, visibility_timeout_s: float = 30.0,
                  max_attempts: int = 3, dead_letter_maxlen: int = 10_000,
-                 heartbeat_ttl_s: float = 6.0) -> None:
+                 heartbeat_ttl_s: float = 6.0, face_store_max: int = 10_000) -> None:
         self.client = connect(url, socket_timeout=2.0)
         self.blocking = connect(url, socket_timeout=None)
         self.prefix = prefix
         self.maxlen = maxlen
         self.result_ttl_s = result_ttl_s
         self.face_ttl_s = face_ttl_s
+        self.face_store_max = face_store_max
         self.visibility_ms = int(visibility_timeout_s * 1000)
         self.max_attempts = max_attempts
         self.dead_letter_maxlen = dead_letter_maxlen
@@ -142,6 +165,7 @@ class RedisQueue:
         self._answer = self.client.register_script(_ANSWER)
         self._dead_letter = self.client.register_script(_DEAD_LETTER)
         self._heartbeat = self.client.register_script(_HEARTBEAT)
+        self._store_faces = self.client.register_script(_STORE_FACES)
         self._claim_cursor = "0-0"
 
     @classmethod
@@ -149,7 +173,7 @@ class RedisQueue:
         return cls(s.redis_url, prefix=s.queue_prefix, maxlen=s.queue_maxlen, result_ttl_s=s.result_ttl_s,
                    face_ttl_s=s.face_ttl_s, visibility_timeout_s=s.visibility_timeout_s,
                    max_attempts=s.max_attempts, dead_letter_maxlen=s.dead_letter_maxlen,
-                   heartbeat_ttl_s=s.heartbeat_ttl_s)
+                   heartbeat_ttl_s=s.heartbeat_ttl_s, face_store_max=s.face_cache_max)
 
     def _key(self, kind: str, ident: str) -> str:
         return f"{self.prefix}:{kind}:{ident}"
@@ -296,10 +320,7 @@ class RedisQueue:
         """Store face states, answer (once) and ack. Returns False if the job had
         already been answered (a reclaimed duplicate)."""
         if faces:
-            pipe = self.client.pipeline(transaction=False)
-            for face_id, state in faces.items():
-                pipe.set(self._key("face", face_id), state, ex=self.face_ttl_s)
-            await pipe.execute()
+            await self.store_faces(faces)
         try:
             first = await self._answer(
                 keys=[self._key("answered", job.id), self._key("result", job.id), self.stream],
@@ -318,6 +339,14 @@ class RedisQueue:
         await self.client.set(self._key("error", job.id), reason, ex=self.result_ttl_s)
         await self.client.xclaim(self.stream, GROUP, consumer, 0, [job.entry],
                                  idle=self.visibility_ms + 1000, justid=True)
+
+    async def store_faces(self, faces: dict[str, bytes]) -> int:
+        """Keep face states for GET /neutralize (TTL `face_ttl_s`); beyond
+        `face_store_max` faces the oldest are dropped. Returns how many were dropped."""
+        args: list = [self._key("face", ""), self.face_ttl_s, self.face_store_max]
+        for face_id, state in faces.items():
+            args += [face_id, state]
+        return int(await self._store_faces(keys=[f"{self.prefix}:faces"], args=args))
 
     async def load_faces(self, face_ids: list[str]) -> dict[str, bytes]:
         if not face_ids:

@@ -43,8 +43,9 @@ class Settings(BaseSettings):
                               "that gave up leaves nothing behind).")
     face_ttl_s: int = Field(600, ge=1, description="How long a face of a /predict stays available "
                             "to GET /neutralize?face_id=... (404 after).")
-    face_cache_max: int = Field(10_000, ge=1, description="In-process mode: most faces kept for "
-                                "GET /neutralize (oldest evicted first).")
+    face_cache_max: int = Field(10_000, ge=1, description="Most faces kept for GET /neutralize, in "
+                                "process and in Redis alike (oldest dropped first; a face state is at most "
+                                "~43 KB, so 10,000 bound Redis to ~430 MB of them).")
     visibility_timeout_s: float = Field(10.0, gt=0, description="A job delivered to a worker and "
                                         "not acknowledged within this is reclaimed by another worker "
                                         "(XAUTOCLAIM). Must exceed the slowest batch and stay below "

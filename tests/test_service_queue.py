@@ -183,14 +183,20 @@ def test_graceful_shutdown_finishes_the_batch_in_hand(redis_server):
         worker, task = await started_worker(s, slow)
         q = RedisQueue.from_settings(s)
         pending = [asyncio.ensure_future(q.submit({"op": "analyze"}, b"x", 10)) for _ in range(3)]
-        while await q.pending("w1") == 0:  # the worker has read them and is processing
+        while await q.pending("w1") == 0:  # the worker has read some and is processing them
             await asyncio.sleep(0.01)
         worker.stop.set()  # what SIGTERM does
+        await asyncio.wait_for(task, 10)   # it stops after finishing the batch in hand ...
+        assert await q.pending("w1") == 0
+        # ... and what it had not read yet stays queued for the next worker: nothing lost
+        worker2, task2 = await started_worker(s, slow, name="w2")
         replies = await asyncio.gather(*pending)
-        await asyncio.wait_for(task, 10)
         assert all(r["status"] == 200 for r in replies)
         assert await q.pending() == 0
-        await worker.queue.close()
+        worker2.stop.set()
+        await asyncio.wait_for(task2, 10)
+        for w in (worker, worker2):
+            await w.queue.close()
         await q.close()
 
     asyncio.run(go())
@@ -226,4 +232,24 @@ def test_redis_restart_fails_fast_then_recovers(redis_server):
         await stop_worker(worker, task)
         await q.close()
 
+    asyncio.run(go())
+
+
+def test_face_states_in_redis_are_capped_oldest_first(redis_server):
+    s = settings_for(redis_server, face_cache_max=5)
+
+    async def go():
+        q = RedisQueue.from_settings(s)
+        try:
+            first = {f"a{i}": b"x" * 100 for i in range(4)}
+            assert await q.store_faces(first) == 0
+            dropped = await q.store_faces({f"b{i}": b"y" * 100 for i in range(3)})
+            assert dropped == 2
+            kept = await q.load_faces([*first, "b0", "b1", "b2"])
+            assert sorted(kept) == ["a2", "a3", "b0", "b1", "b2"]   # the two oldest went
+            keys = [k async for k in q.client.scan_iter(f"{s.queue_prefix}:face:*")]
+            assert len(keys) == 5 and await q.client.zcard(f"{s.queue_prefix}:faces") == 5
+            assert 0 < await q.client.ttl(f"{s.queue_prefix}:face:b2") <= s.face_ttl_s
+        finally:
+            await q.close()
     asyncio.run(go())
