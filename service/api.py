@@ -2,6 +2,7 @@
 service errors become HTTP answers in the handlers of service/server.py."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import time
@@ -86,10 +87,19 @@ _PNG = {"content": {"image/png": {"schema": {"type": "string", "format": "binary
 # --- reading an upload -----------------------------------------------------------
 
 
-async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The request body, failing with 413 as soon as it passes `limit` bytes."""
-    total = 0
-    async for chunk in request.stream():
+async def _limited(request: Request, limit: int, timeout: float) -> AsyncIterator[bytes]:
+    """The request body, failing with 413 as soon as it passes `limit` bytes and
+    with 408 when it is not all there within `timeout` seconds (a slow client
+    must not hold a connection and a buffer for ever)."""
+    total, deadline = 0, time.monotonic() + timeout
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"request body not received within {timeout:g} s") from None
         total += len(chunk)
         if total > limit:
             raise HTTPException(413, f"request body is over the limit of {limit:,} bytes")
@@ -104,7 +114,7 @@ async def read_upload(request: Request, settings: Settings) -> bytes:
         raise HTTPException(413, f"request body is {int(length):,} bytes; the limit is {limit:,}")
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "multipart/form-data":
-        parser = MultiPartParser(request.headers, _limited(request, limit), max_files=1, max_fields=16,
+        parser = MultiPartParser(request.headers, _limited(request, limit, settings.body_timeout_s), max_files=1, max_fields=16,
                                  max_part_size=64 * 1024)
         try:
             form = await parser.parse()
@@ -123,7 +133,7 @@ async def read_upload(request: Request, settings: Settings) -> bytes:
     # --data-binary sends application/x-www-form-urlencoded unless told otherwise.
     if media in ("", "application/octet-stream", "application/x-www-form-urlencoded") \
             or media.startswith("image/"):
-        return b"".join([chunk async for chunk in _limited(request, limit)])
+        return b"".join([chunk async for chunk in _limited(request, limit, settings.body_timeout_s)])
     raise HTTPException(415, f"unsupported body type {media!r}: send the image as multipart/form-data "
                              "(field 'file') or as a raw image/* or application/octet-stream body")
 

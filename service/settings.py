@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # --- request limits -----------------------------------------------------------
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body, "
                                 "enforced while reading (413).")
+    body_timeout_s: float = Field(30.0, gt=0, description="Longest a client may take to send its request "
+                                  "body (408 after).")
+    max_connections: int = Field(1000, ge=1, description="`ipdfer serve`: most concurrent connections "
+                                 "and requests (503 beyond); idle keep-alive connections close after 5 s.")
     max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height), checked "
                             "from the header before decoding (413).")
     max_faces: int = Field(16, ge=1, le=64, description="Most faces analysed per image (best detections "

@@ -505,3 +505,29 @@ def test_a_client_that_drops_mid_upload_is_not_a_server_error(service_pipeline, 
     assert status == 499
     assert not [r for r in caplog.records if r.exc_info], "a disconnect must not log a traceback"
     assert any("disconnected" in r.getMessage() for r in caplog.records)
+
+
+def test_a_body_that_never_finishes_is_408_after_the_body_timeout(service_pipeline):
+    s = settings(body_timeout_s=0.3)
+    app = create_app(s, backend=InProcessBackend(s, pipelines=[service_pipeline]))
+    sent: list[dict] = []
+
+    async def go():
+        first = [{"type": "http.request", "body": b"\xff\xd8\xff" + b"\0" * 100, "more_body": True}]
+
+        async def receive():
+            if first:
+                return first.pop()
+            await asyncio.sleep(3600)   # the rest never comes
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"image/jpeg")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await asyncio.wait_for(app(scope, receive, send), 10)
+
+    run(go())
+    assert next(m["status"] for m in sent if m["type"] == "http.response.start") == 408
