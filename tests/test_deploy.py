@@ -421,8 +421,8 @@ def test_copied_files_exist_and_are_in_the_build_context(dockerfile):
                            and f.suffix != ".pyc" and f not in kept]
                 assert not missing, f"{name}: .dockerignore drops {missing[:5]}"
                 seen.append(src)
-    for needed in ("pyproject.toml", "constraints.txt", "README.md", "model", "service", "weights",
-                   "docker/healthcheck.py"):
+    for needed in ("pyproject.toml", "constraints.txt", "README.md", "model", "service", "weights/ipdfer.pt",
+                   "weights/manifest.json", "docker/healthcheck.py"):
         assert needed in seen, f"{name}: does not COPY {needed}"
 
 
@@ -431,8 +431,9 @@ def test_weights_and_networks_are_baked_in(dockerfile):
     final = stages[-1]
     dest = {src: dst for sources, dst in copies(final) for src in sources}
     env = image_env(final)
-    assert env["IPDFER_WEIGHTS_DIR"] == dest["weights"]
     manifest = json.loads((ROOT / "weights" / "manifest.json").read_text())
+    for src in ("weights/manifest.json", f"weights/{manifest['file']}"):  # the model, not judge/ or report/
+        assert dest[src].rstrip("/") == env["IPDFER_WEIGHTS_DIR"], f"{name}: {src} -> {dest[src]}"
     assert (ROOT / "weights" / manifest["file"]).is_file()
     # the build loads weights, dlib's network (face-recognition-models) and MTCNN
     # (facenet-pytorch) with the network switched off: nothing is left to download
