@@ -484,7 +484,10 @@ class CropLocator:
 class Faces(list):
     """The faces of one image, best detection first; `detected` counts every face
     found, also those a cap left out (their crops are never cut)."""
-    detected: int = 0
+
+    def __init__(self, faces=(), detected: int = 0) -> None:
+        super().__init__(faces)
+        self.detected = detected
 
 
 @dataclass
@@ -545,7 +548,7 @@ class FacePipeline:
         images = [_as_rgb(im) for im in images]
         caps = max_faces if isinstance(max_faces, list) else [max_faces] * len(images)
         if aligned:
-            return [faces_found([self._face(im, loc["landmarks"], None, loc["source"] == SOURCE_FALLBACK)], 1)
+            return [Faces([self._face(im, loc["landmarks"], None, loc["source"] == SOURCE_FALLBACK)], 1)
                     for im, loc in zip(images, self.crops.locate(images))]
         out = []
         for image, dets, cap in zip(images, self.detector.detect(images), caps):
@@ -553,11 +556,5 @@ class FacePipeline:
             if not faces and self.fallback_to_center:
                 landmarks = center_landmarks(image.shape, self.center_margin, self.center_dy)
                 faces = [self._face(image, landmarks, None, True)]
-            out.append(faces_found(faces, max(len(dets), len(faces))))
+            out.append(Faces(faces, max(len(dets), len(faces))))
         return out
-
-
-def faces_found(faces: list[Face], detected: int) -> Faces:
-    out = Faces(faces)
-    out.detected = detected
-    return out

@@ -181,7 +181,7 @@ class Analyzer:
         n = len(images)
         assert len(aligned) == len(max_faces) == len(neutral) == n
         t0 = time.perf_counter()
-        faces: list[list[facelib.Face] | Exception] = [[] for _ in range(n)]
+        faces: list[facelib.Faces | Exception] = [facelib.Faces() for _ in range(n)]
         for flag in (False, True):  # detection runs batched over the non-aligned images
             idx = [i for i in range(n) if aligned[i] == flag]
             if idx:
@@ -190,7 +190,7 @@ class Analyzer:
                     faces[i] = result
         flat = [(i, f) for i, fs in enumerate(faces) if not isinstance(fs, Exception) for f in fs]
         results: list[facelib.Faces | Exception] = [
-            fs if isinstance(fs, Exception) else facelib.faces_found([], getattr(fs, "detected", len(fs))) for fs in faces]
+            fs if isinstance(fs, Exception) else facelib.Faces([], fs.detected) for fs in faces]
         t1 = time.perf_counter()
         self.last_timings = {"detect_s": t1 - t0, "model_s": 0.0}
         if not flat:
@@ -220,7 +220,7 @@ class Analyzer:
         return results
 
     def _process(self, images: list[np.ndarray], aligned: bool, max_faces: list[int | None]
-                 ) -> list[list[facelib.Face] | Exception]:
+                 ) -> list[facelib.Faces | Exception]:
         try:  # faces beyond an image's cap are never aligned nor rendered
             return self.pipeline.process(images, aligned=aligned, max_faces=list(max_faces))
         except Exception:  # isolate the failing image by retrying one at a time

@@ -478,6 +478,14 @@ def test_wrong_methods_on_api_paths_are_405_with_the_full_allow_list(service_pip
     run(go())
 
 
+def post_scope(headers: list[tuple[bytes, bytes]]) -> dict:
+    """The ASGI scope a server hands the app for POST /predict (for tests that
+    drive the body's arrival themselves)."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+            "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+
 def test_a_client_that_drops_mid_upload_is_not_a_server_error(service_pipeline, caplog):
     """The ASGI server tells the app `http.disconnect` while the body is being read."""
     app = create_app(settings(), backend=InProcessBackend(settings(), pipelines=[service_pipeline]))
@@ -493,11 +501,7 @@ def test_a_client_that_drops_mid_upload_is_not_a_server_error(service_pipeline, 
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
-                 "root_path": "", "headers": [(b"content-type", b"image/jpeg"), (b"content-length", b"100000")],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
-        await app(scope, receive, send)
+        await app(post_scope([(b"content-type", b"image/jpeg"), (b"content-length", b"100000")]), receive, send)
 
     caplog.set_level("INFO")
     run(go())
@@ -523,11 +527,7 @@ def test_a_body_that_never_finishes_is_408_after_the_body_timeout(service_pipeli
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
-                 "root_path": "", "headers": [(b"content-type", b"image/jpeg")],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
-        await asyncio.wait_for(app(scope, receive, send), 10)
+        await asyncio.wait_for(app(post_scope([(b"content-type", b"image/jpeg")]), receive, send), 10)
 
     run(go())
     assert next(m["status"] for m in sent if m["type"] == "http.response.start") == 408
