@@ -47,6 +47,8 @@ class LossWeights:
     residue_zero: float = 1.0    # ... and is ~0 for neutral inputs
     edit_size: float = 2.0       # editor: mean squared displacement + |shading| of the neutral edit (minimal edits)
     edit_smooth: float = 5.0     # editor: squared differences of neighbouring field values
+    neutral_pair: float = 0.0    # editor: 1 - correlation of the neutral render of an expressive photo with the
+                                 # same person's real neutral photo, inside the eye/brow + mouth regions (pair_sets)
     label_smoothing: float = 0.1
 
 
@@ -57,6 +59,10 @@ class TrainConfig:
     # (dataset, split) pairs read through model.data.load_split
     train_sets: tuple[str, ...] = ("fer2013:train", "ckplus:train", "muxspace:train")
     val_sets: tuple[str, ...] = ("fer2013:val",)
+    # splits whose people have both neutral and expressive photos (muxspace:train): each step
+    # also renders `pair_batch` expressive faces against the same person's neutral photo
+    pair_sets: tuple[str, ...] = ()
+    pair_batch: int = 16
     epochs: int = 30
     batch_size: int = 64
     lr: float = 2e-3             # one-cycle peak for encoders + G

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["FaceSet", "load_split", "FaceDataset", "cache_root", "default_cache_dir", "flip_pose", "smoke_dataset"]
+__all__ = ["FaceSet", "load_split", "FaceDataset", "NeutralPairs", "cache_root", "default_cache_dir", "flip_pose", "smoke_dataset"]
 
 
 def cache_root() -> Path:
@@ -158,6 +158,47 @@ class FaceDataset(Dataset):
         pose = pose.copy()
         pose[2] -= angle  # counter-clockwise image rotation lowers roll
         return img, pose
+
+
+class NeutralPairs:
+    """(expressive face, the same person's real neutral face) pairs from FaceSets with
+    subject ids: the paired target of the editor's neutral render. Both faces are
+    aligned to the same template, so pixels correspond up to the person's pose and
+    lighting in each photo; a pair is mirrored together."""
+
+    def __init__(self, faces: list[FaceSet], seed: int = 0):
+        from model.labels import NEUTRAL
+        self.sets, self.expressive, self.neutral_of = faces, [], {}
+        for k, f in enumerate(faces):
+            neutral: dict[str, list[int]] = {}
+            for i, (subject, label) in enumerate(zip(f.subjects, f.labels)):
+                if subject and label == NEUTRAL:
+                    neutral.setdefault(subject, []).append(i)
+            for i, (subject, label) in enumerate(zip(f.subjects, f.labels)):
+                if subject in neutral and label >= 0 and label != NEUTRAL:
+                    self.expressive.append((k, i))
+            self.neutral_of.update({(k, s): v for s, v in neutral.items()})
+        if not self.expressive:
+            raise ValueError("no person has both a neutral and an expressive face in the pair sets")
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.expressive)
+
+    def sample(self, n: int) -> dict[str, torch.Tensor]:
+        """image, target (n,1,S,S) in [-1,1], identity (n,128) of the expressive face."""
+        images, targets, ids = [], [], []
+        for j in self.rng.integers(len(self.expressive), size=n):
+            k, i = self.expressive[j]
+            f = self.sets[k]
+            choices = self.neutral_of[(k, f.subjects[i])]
+            pair = np.stack([f.images[i], f.images[choices[self.rng.integers(len(choices))]]])
+            if self.rng.random() < 0.5:
+                pair = pair[:, :, ::-1]
+            images.append(pair[0]), targets.append(pair[1]), ids.append(f.identity[i])
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float().div_(127.5).sub_(1.0).unsqueeze(1)  # noqa: E731
+        return {"pair_image": to(np.stack(images)), "pair_target": to(np.stack(targets)),
+                "pair_identity": torch.from_numpy(np.stack(ids).astype(np.float32))}
 
 
 def smoke_dataset(size: int = 64, shared_dir: str | Path | None = None, n: int = 64) -> FaceDataset:

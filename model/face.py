@@ -276,6 +276,20 @@ CANONICAL_LANDMARKS = np.array([
     [38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
     [41.5493, 92.3655], [70.7299, 92.2041]]) / 112.0
 
+
+def expression_regions(size: int) -> np.ndarray:
+    """bool (size, size): eye + brow boxes and the mouth box around the canonical points
+    of an aligned face: where an expression shows (residue check, paired-neutral loss)."""
+    pts = CANONICAL_LANDMARKS * size
+    mask = np.zeros((size, size), bool)
+    for ex, ey in pts[:2]:  # eyes and the brows above them
+        mask[int(ey - 0.17 * size):int(ey + 0.07 * size), int(ex - 0.12 * size):int(ex + 0.12 * size)] = True
+    (lx, ly), (rx, ry) = pts[3], pts[4]
+    my = (ly + ry) / 2
+    mask[int(my - 0.10 * size):int(my + 0.10 * size), int(lx - 0.06 * size):int(rx + 0.06 * size)] = True
+    return mask
+
+
 # Where the MTCNN points sit in dlib's get_face_chip(size, padding), in dlib's
 # unit face square (chip pixel = (padding + u) / (2 padding + 1) * size - 0.5).
 # Analytic guess from dlib's 68-point mean face (interpolation.h): eyes = mean of

@@ -124,7 +124,15 @@ class GeneratorObjective(nn.Module):
             k = min(self.identity_subset, x.shape[0])
             terms["neutral_identity"] = self.identity_loss(render[:k], x[:k])
 
-        # 6. adversarial (D's parameters are frozen by the caller in this phase)
+        # 6. paired target: an expressive photo's neutral render looks like the same
+        #    person's real neutral photo where expressions show (eyes, brows, mouth)
+        if "pair_image" in batch and model.edits_input and w.neutral_pair > 0:
+            px = batch["pair_image"]
+            pair_enc = model.encode(px)
+            pair_render = model.render(batch["pair_identity"], pair_enc["pose_feat"], None, face=px)
+            terms["neutral_pair"] = 1 - masked_correlation(pair_render, batch["pair_target"]).mean()
+
+        # 7. adversarial (D's parameters are frozen by the caller in this phase)
         if discriminator is not None:
             terms["adversarial"] = hinge_g_loss(discriminator(torch.cat([render, recon])))
         out = self._total(terms)
@@ -134,6 +142,14 @@ class GeneratorObjective(nn.Module):
     def _total(self, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         total = sum(getattr(self.w, k) * v for k, v in terms.items())
         return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def masked_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N,) Pearson correlation of a and b (N,1,S,S) inside the expression regions."""
+    mask = torch.from_numpy(facelib.expression_regions(a.shape[-1])).to(a.device)
+    a, b = a.float()[:, 0][:, mask], b.float()[:, 0][:, mask]
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-6)
 
 
 def _edit(model: IPDFER, identity: torch.Tensor, enc: dict[str, torch.Tensor], x: torch.Tensor):

@@ -9,7 +9,8 @@ runs it. For each expressive photo's neutral render it prints:
   neutral photos, and how often it passes dlib's 0.6 threshold against a different
   person's neutral photo (one drawn per render, and against any of them);
 - closer: the render correlates better with the person's real neutral photos than
-  the expressive input does (aligned crops; a render equal to its input is not closer);
+  the expressive input does (aligned crops; a render equal to its input is not closer),
+  and, as a control, how often it is closer to another person's neutral photo;
 - sharpness: median Laplacian variance, render / the person's real neutral photos;
 - judged neutral by a separately trained classifier (--judge);
 - residue energy inside the eye/brow and mouth regions (from the aligned landmarks);
@@ -72,18 +73,6 @@ def canonical_chip(crop: np.ndarray) -> np.ndarray:
     """dlib chip of an aligned crop: its 5 points are the canonical template."""
     r = crop.shape[0]
     return facelib.identity_chip(crop, facelib.CANONICAL_LANDMARKS * r - 0.5)
-
-
-def expression_regions(size: int) -> np.ndarray:
-    """bool (size, size): eye + brow boxes and the mouth box around the canonical points."""
-    pts = facelib.CANONICAL_LANDMARKS * size
-    mask = np.zeros((size, size), bool)
-    for ex, ey in pts[:2]:  # eyes and the brows above them
-        mask[int(ey - 0.17 * size):int(ey + 0.07 * size), int(ex - 0.12 * size):int(ex + 0.12 * size)] = True
-    (lx, ly), (rx, ry) = pts[3], pts[4]
-    my = (ly + ry) / 2
-    mask[int(my - 0.10 * size):int(my + 0.10 * size), int(lx - 0.06 * size):int(rx + 0.06 * size)] = True
-    return mask
 
 
 def rate(x) -> float:
@@ -163,22 +152,31 @@ def neutral_photo_check(analyzer: Analyzer, judge: IPDFER, root: Path, manifest:
     closer, changed = defaultdict(list), []
     sharp = defaultdict(list)
     ref_sharp = {person: np.median([laplacian_variance(c) for c in cs]) for person, cs in ref_crops.items()}
-    for person, p in expr:
+    # control: closer to a *different* person's neutral photo too? An edit towards an
+    # average face would be; an edit that removes the expression much less so
+    closer_other = defaultdict(list)
+    for (person, p), other in zip(expr, others):
         inp = large(p)
         c_in = np.mean([correlation(inp, r) for r in ref_crops[person]])
+        other_crop = large(refs[other][1])
+        c_in_other = correlation(inp, other_crop)
         differs = float(np.abs(renders[p].astype(int) - inp.astype(int)).mean()) >= 0.5
         changed.append(differs)
         for k, img in (("render", renders[p]), ("blurred input", blurred[p])):
             c = np.mean([correlation(img, r) for r in ref_crops[person]])
             closer[k].append(c > c_in and (differs or k != "render"))
+            closer_other[k].append(correlation(img, other_crop) > c_in_other and (differs or k != "render"))
         for k, img in (("render", renders[p]), ("input", inp), ("blurred input", blurred[p])):
             sharp[k].append(laplacian_variance(img) / max(ref_sharp[person], 1e-9))
     report["closer_than_input"] = {k: rate(v) for k, v in closer.items()}
+    report["closer_to_another_person_than_input"] = {k: rate(v) for k, v in closer_other.items()}
     report["render_differs_from_input"] = rate(changed)
     report["sharpness_ratio_median"] = {k: round(float(np.median(v)), 4) for k, v in sharp.items()}
     print(f"\ncloser to the real neutral photos than the input: render {rate(closer['render']):.1%} "
           f"(renders that differ from their input: {rate(changed):.1%}); control, blurred input "
           f"(sigma {BLUR_SIGMA}): {rate(closer['blurred input']):.1%}")
+    print(f"control, closer to another person's neutral photo than the input: render "
+          f"{rate(closer_other['render']):.1%}, blurred input {rate(closer_other['blurred input']):.1%}")
     print("sharpness, median Laplacian variance / the person's real neutral photos: "
           + ", ".join(f"{k} {np.median(v):.3f}" for k, v in sharp.items()))
 
@@ -199,7 +197,7 @@ def neutral_photo_check(analyzer: Analyzer, judge: IPDFER, root: Path, manifest:
 
     # 5. where the residue is ---------------------------------------------------------------------
     states = [faces[p].state for _, p in expr]
-    mask = expression_regions(size)
+    mask = facelib.expression_regions(size)
     inside = []
     residues = []
     for s in range(0, len(states), 32):

@@ -216,6 +216,12 @@ def run(args: argparse.Namespace) -> int:
                             num_workers=cfg.num_workers, drop_last=len(train_set) > cfg.batch_size,
                             pin_memory=cuda, persistent_workers=cfg.num_workers > 0)
     data_info["batches"] = "device" if on_device else "dataloader"
+    pairs = None
+    if cfg.pair_sets and not args.smoke:
+        pairs = datalib.NeutralPairs([datalib.load_split(*s.split(":"), size=cfg.model.image_size,
+                                                         cache_dir=args.data_cache) for s in cfg.pair_sets],
+                                     seed=cfg.seed + rank)
+        data_info["pairs"] = {"sets": list(cfg.pair_sets), "expressive": len(pairs)}
     epoch_order = loader if on_device else sampler   # what set_epoch reshuffles (None: the DataLoader's shuffle)
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
@@ -284,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
         step = ema.updates = ckpt["step"]
         data_info = {**data_info, **{k: v for k, v in (ckpt.get("data") or {}).items() if k == "init"}}
         torch.set_rng_state(ckpt["rng_cpu"])
+        if pairs is not None:  # a resumed run draws pairs it has not drawn before
+            pairs.rng = np.random.default_rng([cfg.seed, rank, step])
         if main_process:
             print(f"resumed from {ckpt_path} at step {step}")
 
@@ -316,6 +324,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             if step >= total_steps:
                 break
+            if pairs is not None:
+                batch = {**batch, **pairs.sample(cfg.pair_batch)}
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
             use_gan = not cfg.ablation and step >= cfg.gan_start_step and cfg.loss.adversarial > 0

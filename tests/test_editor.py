@@ -102,3 +102,76 @@ def test_a_face_is_edited_the_same_alone_in_a_batch_and_in_training_mode():
         alone = model.render(ident[:1], pose[:1], face=x[:1])
     assert (batch - x).abs().max() > 1e-3            # a real edit ...
     assert torch.allclose(batch[:1], alone, atol=1e-5)  # ... the same either way
+
+
+def _pair_faces() -> "FaceSet":
+    from model.data import FaceSet
+    from model.labels import EXPRESSIONS, NEUTRAL
+    happy = EXPRESSIONS.index("happy")
+    rng = np.random.default_rng(0)
+    # ann: neutral 0, happy 1, happy 2; bob: happy 3 only (no neutral: never a pair); cy: neutral 4
+    subjects = ["ann", "ann", "ann", "bob", "cy"]
+    labels = np.array([NEUTRAL, happy, happy, happy, NEUTRAL])
+    images = rng.integers(0, 256, (5, 64, 64), dtype=np.uint8)
+    return FaceSet("t", "train", images, labels, np.zeros((5, 3), np.float32),
+                   np.arange(5 * 128, dtype=np.float32).reshape(5, 128), subjects, [""] * 5, np.zeros(5, bool))
+
+
+def test_neutral_pairs_match_an_expressive_face_with_the_same_persons_neutral_face():
+    from model.data import NeutralPairs
+    faces = _pair_faces()
+    pairs = NeutralPairs([faces], seed=1)
+    assert sorted(i for _, i in pairs.expressive) == [1, 2]   # bob has no neutral photo
+    b = pairs.sample(32)
+    assert b["pair_image"].shape == b["pair_target"].shape == (32, 1, 64, 64)
+    to_img = lambda t: ((t[0].numpy() + 1) * 127.5).round().astype(np.uint8)  # noqa: E731
+    ann_neutral = faces.images[0]
+    flipped = 0
+    for img, target, ident in zip(b["pair_image"], b["pair_target"], b["pair_identity"]):
+        i = int(ident[0]) // 128          # identity rows are numbered
+        assert i in (1, 2)
+        plain = np.array_equal(to_img(img), faces.images[i])
+        assert plain or np.array_equal(to_img(img), faces.images[i][:, ::-1])
+        # the target is ann's neutral face, mirrored exactly when the input is
+        assert np.array_equal(to_img(target), ann_neutral if plain else ann_neutral[:, ::-1])
+        flipped += not plain
+    assert 0 < flipped < 32
+
+
+def test_masked_correlation_reads_only_the_expression_regions():
+    from model.losses import masked_correlation
+    torch.manual_seed(0)
+    a = torch.rand(2, 1, 64, 64)
+    mask = torch.from_numpy(facelib.expression_regions(64))
+    b = a.clone()
+    b[:, :, ~mask] = torch.rand(int((~mask).sum()))   # outside the regions: anything
+    assert torch.allclose(masked_correlation(a, b), torch.ones(2), atol=1e-5)
+    c = a.clone()
+    c[:, :, mask] = -a[:, :, mask]
+    assert torch.allclose(masked_correlation(a, c), -torch.ones(2), atol=1e-5)
+
+
+def test_the_paired_term_trains_the_editor_towards_the_neutral_photo():
+    torch.manual_seed(0)
+    model = IPDFER(EDITOR)
+    torch.nn.init.normal_(model.decoder.head.weight, std=0.05)
+    batch = batch_of()
+    n = 3
+    batch.update(pair_image=batch["image"][:n], pair_target=batch["image"][n:2 * n],
+                 pair_identity=batch["identity"][:n])
+    objective = GeneratorObjective(dataclasses.replace(LossWeights(), neutral_pair=1.0))
+    _, terms = objective(model, batch, discriminator=None, use_identity=False)
+    assert 0 < terms["neutral_pair"] < 2
+    # only the paired term: descending it raises the correlation with the target
+    only = GeneratorObjective(LossWeights(**{f.name: 0.0 for f in dataclasses.fields(LossWeights)}
+                                         | {"neutral_pair": 1.0}))
+    opt = torch.optim.SGD(model.decoder.parameters(), lr=0.5)
+    first = None
+    for _ in range(5):
+        total, terms = only(model, batch, discriminator=None, use_identity=False)
+        first = first if first is not None else terms["neutral_pair"]
+        opt.zero_grad(), total.backward(), opt.step()
+    assert terms["neutral_pair"] < first
+    # without a weight, the term is not computed
+    _, terms = GeneratorObjective(LossWeights())(model, batch, discriminator=None, use_identity=False)
+    assert "neutral_pair" not in terms
