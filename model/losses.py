@@ -163,13 +163,16 @@ def _edit(model: IPDFER, identity: torch.Tensor, enc: dict[str, torch.Tensor], x
 def _classify_frozen(model: IPDFER, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
     """exp_head(exp_encoder(x)) with detached parameters and BN in eval mode
     (a batch of renders must not shift the running statistics)."""
-    was_training = model.training
+    # each module's own mode comes back: a frozen (eval) encoder must stay in eval for
+    # what runs after this call, or its BatchNorm statistics drift
+    modes = [(m, m.training) for part in (model.exp_encoder, model.exp_head) for m in part.modules()]
     model.exp_encoder.eval(), model.exp_head.eval()
     try:
         feats = functional_call(model.exp_encoder, _sub(params, buffers, "exp_encoder."), (x,))
         return functional_call(model.exp_head, _sub(params, buffers, "exp_head."), (feats,))
     finally:
-        model.exp_encoder.train(was_training), model.exp_head.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _sub(params: dict, buffers: dict, prefix: str) -> dict:

@@ -175,3 +175,20 @@ def test_the_paired_term_trains_the_editor_towards_the_neutral_photo():
     # without a weight, the term is not computed
     _, terms = GeneratorObjective(LossWeights())(model, batch, discriminator=None, use_identity=False)
     assert "neutral_pair" not in terms
+
+
+def test_frozen_encoders_keep_their_batchnorm_statistics_through_the_paired_term():
+    # freeze_encoders puts E_exp in eval mode; the neutral-class term must not hand it back
+    # in training mode, or the paired term's encode (after it) shifts the running statistics
+    torch.manual_seed(0)
+    model = IPDFER(EDITOR).train()
+    model.exp_encoder.eval(), model.exp_head.eval(), model.pose_encoder.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    batch = batch_of()
+    batch.update(pair_image=batch["image"][:3], pair_target=batch["image"][3:], pair_identity=batch["identity"][:3])
+    objective = GeneratorObjective(dataclasses.replace(LossWeights(), neutral_pair=1.0))
+    objective(model, batch, discriminator=None, use_identity=False)
+    assert not model.exp_encoder.training and not any(m.training for m in model.exp_encoder.modules())
+    after = model.state_dict()
+    changed = [k for k, v in before.items() if k.startswith(("exp_encoder.", "pose_encoder.")) and not torch.equal(v, after[k])]
+    assert changed == []
