@@ -1,0 +1,76 @@
+"""The shipped weights on real images give the predictions recorded from the code
+before the model/ package was reorganised (tests/golden/predictions.json): the
+layout change must not change behaviour. Regenerate only for an intended change."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.data_samples import data_dir
+
+GOLDEN = Path(__file__).parent / "golden" / "predictions.json"
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-5 + 1e-9   # probabilities are rounded to 5 decimals by the Analyzer
+
+
+def _images(golden: dict) -> list[tuple[str, bool, str]]:
+    return [(key, key.startswith("aligned:"), key.split(":", 1)[1]) for key in golden]
+
+
+@pytest.mark.parametrize("weights", ["weights", "weights/judge"])
+def test_shipped_weights_match_golden_predictions(shared_dir, weights):
+    import torch
+
+    from model.inference import Analyzer
+    root = data_dir(shared_dir)
+    golden = json.loads(GOLDEN.read_text())[weights]
+    torch.set_num_threads(1)
+    analyzer = Analyzer.load(REPO / weights, device="cpu")
+    items = _images(golden)
+    arrays = [np.asarray(Image.open(root / rel).convert("RGB")) for _, _, rel in items]
+    results = analyzer.analyze(arrays, aligned=[a for _, a, _ in items], max_faces=[None] * len(items),
+                               neutral=[True] * len(items))
+    for (key, _, _), faces in zip(items, results):
+        want = golden[key]
+        assert not isinstance(faces, Exception), (key, faces)
+        assert faces.detected == want["detected"] and len(faces) == len(want["faces"]), key
+        for face, exp in zip(faces, want["faces"]):
+            got = face.to_dict()
+            assert got["expression"]["label"] == exp["expression"]["label"], key
+            for name, p in exp["expression"]["probabilities"].items():
+                assert got["expression"]["probabilities"][name] == pytest.approx(p, abs=TOL), (key, name)
+            for axis, v in exp["pose"].items():
+                assert got["pose"][axis] == pytest.approx(v, abs=0.011), (key, axis)
+            if exp["box"] is not None:
+                np.testing.assert_allclose(got["box"], exp["box"], atol=0.011)
+            neutral = np.asarray(Image.open(io.BytesIO(face.neutral_png)).convert("L"), np.float32)
+            s = neutral.shape[0] // 8
+            blocks = neutral.reshape(8, s, 8, s).mean((1, 3))
+            np.testing.assert_allclose(blocks, exp["neutral_8x8"], atol=0.5, err_msg=key)
+
+
+def test_preparation_matches_golden_features(shared_dir):
+    """`ipdfer prepare`'s per-image face work (detection, fallback, identity, pose,
+    aligned crop) on 30 FER2013 test images, one of them a centre-crop fallback."""
+    import hashlib
+
+    import torch
+
+    from model import datasets as ds
+    from model.prepare import FaceWorker, align_all
+    golden = json.loads((GOLDEN.parent / "prepare.json").read_text())
+    torch.set_num_threads(1)
+    reader = ds.ImageReader(data_dir(shared_dir) / "fer2013")
+    images = [reader(p) for p in golden["paths"]]
+    f = FaceWorker().features(images)
+    assert f["source"].tolist() == golden["source"]
+    np.testing.assert_allclose(f["landmarks"], golden["landmarks"], atol=2e-3)
+    np.testing.assert_allclose(f["pose"], golden["pose"], atol=2e-3)
+    np.testing.assert_allclose(f["identity"], golden["identity"], atol=1e-4)
+    faces = align_all(images, f["landmarks"], 64)
+    assert [hashlib.sha256(x.tobytes()).hexdigest() for x in faces] == golden["faces64_sha256"]
