@@ -2,8 +2,11 @@
 checkpoint, so loading never guesses the architecture."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,29 +91,130 @@ class TrainConfig:
     max_steps: int | None = None  # cut the run short (smoke tests)
 
 
+class ConfigError(ValueError):
+    """A config names an unknown key, gives a value of the wrong type, or its `base`
+    chain is broken. The message starts with the dotted key (`loss.adversarial`)."""
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls, data: dict):
-    """Rebuild a (nested) config dataclass, tolerating lists for tuples. Missing
-    keys keep their defaults (configs list only what differs); an unknown key is
-    an error, so a typo never trains the wrong model silently."""
-    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+def _check(value: Any, hint: Any, key: str) -> Any:
+    """`value` as the field type `hint` wants it (lists become tuples, ints floats),
+    or ConfigError naming `key`. bool is never taken for a number, nor a number for a bool."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _check(value, arm, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected an object of {hint.__name__} keys, got {value!r}")
+        return from_dict(hint, value, prefix=f"{key}.")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Rebuild a (nested) config dataclass. Missing keys keep their defaults
+    (configs list only what differs); an unknown key or a value of the wrong type
+    is a ConfigError naming the key, so a typo never trains the wrong model."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} key(s): {', '.join(sorted(unknown))}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        if dataclasses.is_dataclass(f.default_factory() if callable(f.default_factory) else None):
-            value = from_dict(type(f.default_factory()), value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown {cls.__name__} key"
+                          + (f" (also: {', '.join(prefix + k for k in unknown[1:])})" if unknown[1:] else ""))
+    return cls(**{k: _check(v, hints[k], prefix + k) for k, v in data.items()})
 
 
-def load_train_config(path: str | Path) -> TrainConfig:
-    return from_dict(TrainConfig, json.loads(Path(path).read_text()))
+def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, nested objects merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The JSON of a config file with its `"base"` chain applied: `"base":
+    "other.json"` (relative to this file's folder) is read first and this file's
+    keys override it; nested objects ("model", "loss") merge key by key."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"base: {path.name} includes itself ({' -> '.join(p.name for p in _seen)})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a JSON object")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"base: expected a file name, got {base!r}")
+    return _merge(resolve_config_file(path.parent / base, (*_seen, path)), data)
+
+
+def _parse_override(text: str, hint: Any) -> Any:
+    """A command-line value for a field of type `hint`: JSON (numbers, true/false,
+    null, lists), else the plain string; for a list of strings also `a,b`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    if typing.get_origin(hint) is tuple:
+        return [] if not text else text.split(",")
+    return text
+
+
+def _field_hint(cls, dotted: str) -> Any:
+    hint: Any = cls
+    for i, part in enumerate(dotted.split(".")):
+        if not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"{dotted}: {'.'.join(dotted.split('.')[:i])} has no sub-keys")
+        hints = typing.get_type_hints(hint)
+        if part not in hints:
+            raise ConfigError(f"{dotted}: unknown {hint.__name__} key")
+        hint = hints[part]
+    return hint
+
+
+def apply_overrides(data: dict, overrides: list[str], cls=None) -> dict:
+    """`["loss.adversarial=0.05", "model.image_size=112"]` applied to a config dict;
+    each value is typed by its dataclass field (ConfigError names a bad key)."""
+    cls = cls or TrainConfig
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{item}: expected KEY=VALUE (e.g. loss.adversarial=0.05)")
+        key = key.strip()
+        value = _parse_override(text, _field_hint(cls, key))
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return data
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """TrainConfig from a JSON file (with its `base` chain) and `--set` overrides."""
+    data = resolve_config_file(path) if path else {}
+    return from_dict(TrainConfig, apply_overrides(data, list(overrides)))

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from model.config import TrainConfig, load_train_config, to_dict
+from model.config import ConfigError, TrainConfig, load_train_config, to_dict
 from model.data import cache_root
 from model.losses import GeneratorObjective, IdentityLoss, hinge_d_loss
 from model.networks import IPDFER, Discriminator
@@ -33,7 +34,11 @@ DEFAULT_RUNS = cache_root() / "runs"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", type=Path, help="TrainConfig JSON (defaults if omitted)")
+    p.add_argument("config", nargs="?", type=Path,
+                   help="TrainConfig JSON (defaults if omitted); it may name a \"base\" config it overrides")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override any config field, typed by the field: loss.adversarial=0.05, "
+                        "model.image_size=112, train_sets=fer2013:train,ckplus:train (repeatable)")
     p.add_argument("--run-dir", type=Path, help=f"outputs and checkpoints (default {DEFAULT_RUNS}/<name>)")
     p.add_argument("--name", default="ipdfer", help="run name under the runs folder")
     p.add_argument("--data-cache", type=Path, help="prepared data cache (ipdfer prepare)")
@@ -55,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    cfg = load_train_config(args.config) if args.config else TrainConfig()
+    cfg = load_train_config(args.config, getattr(args, "overrides", []))
     for name in ("epochs", "batch_size", "max_steps"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
@@ -168,7 +173,11 @@ def save_checkpoint(path: Path, **state) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = build_config(args)
+    try:  # before any data is read: a typo in a config must not cost a run
+        cfg = build_config(args)
+    except ConfigError as e:
+        print(f"ipdfer train: config error: {e}", file=sys.stderr)
+        return 2
     # 1. devices and processes -------------------------------------------------
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1
