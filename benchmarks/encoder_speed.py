@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from model.identity import load_identity_encoder
+from model.faces.identity import load_identity_encoder
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
 

@@ -22,9 +22,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from model import datasets as ds  # noqa: E402
+from model.data import manifests as mf
 from model.labels import EXPRESSIONS  # noqa: E402
-from model.prepare import DEFAULT_DATA_ROOT, MANIFEST_DIR  # noqa: E402
+from model.paths import MANIFEST_DIR, data_root  # noqa: E402
 
 CLI = [sys.executable, "-m", "service.cli"]
 
@@ -63,14 +63,14 @@ def evaluate_cache(weights: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", type=Path, default=REPO / "weights")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA_ROOT)
+    ap.add_argument("--data", type=Path, default=data_root(), help="datasets folder (default: env IPDFER_DATA)")
     ap.add_argument("--limit", type=int, help="a seeded sample of N test rows (a quick check; skips the cache comparison)")
     args = ap.parse_args()
-    rows = [r for r in ds.read_manifest(MANIFEST_DIR / "fer2013.csv") if r.split == "test"]
+    rows = [r for r in mf.read_manifest(MANIFEST_DIR / "fer2013.csv") if r.split == "test"]
     if args.limit:  # a seeded sample across classes
         rows = [rows[i] for i in sorted(np.random.default_rng(0).choice(len(rows), args.limit, replace=False))]
     files = [args.data / "fer2013" / r.path for r in rows]
-    labels = np.array([ds.label_index(r) for r in rows])
+    labels = np.array([mf.label_index(r) for r in rows])
     pred, seconds = predict_aligned(files, args.weights.resolve())
     crops = report(labels, pred)
     cache = None if args.limit else evaluate_cache(args.weights.resolve())  # the cache has all 3,293

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import face as facelib
-from model.identity import IDENTITY_THRESHOLD, load_identity_encoder
+from model import faces as facelib
+from model.images import load_image
+from model.faces.identity import IDENTITY_THRESHOLD, load_identity_encoder
 
 LFW_NAME = re.compile(r"^(?P<person>.+)_(?P<num>\d{4})\.jpg$")
 
@@ -61,7 +62,7 @@ def main() -> None:
     t0 = time.time()
     chips, missed = {}, 0
     for name in tqdm(files, desc="detect+chip"):
-        image = facelib.load_image(image_dir / name)
+        image = load_image(image_dir / name)
         dets = detector.detect([image])[0]
         if dets:
             landmarks = dets[0].landmarks

@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from model.data import cache_root
-from model.export import TEST_SPLITS
+from model.paths import cache_root
+from model.training.export import TEST_SPLITS
 from model.weights import DEFAULT_WEIGHTS_DIR
 from service.cli import main as cli
 

@@ -1,7 +1,7 @@
 """Neutral renders of real photos against the same people's real neutral photos
 (identity rank-1 and impostor rate, closer-than-input, sharpness, judged neutral,
 residue energy in the expression regions, render speed), each with its control.
-The measure itself is model/neutral_check.py (also `ipdfer evaluate --neutral-photos`).
+The measure itself is model/training/neutral_check.py (also `ipdfer evaluate --neutral-photos`).
 
     .venv/bin/python benchmarks/neutral_render.py --judge weights/judge --out weights/report
 """
@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from model.inference import Analyzer
-from model.neutral_check import neutral_photo_check
+from model.training.neutral_check import neutral_photo_check
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,9 +1,9 @@
-"""Sanity of the pose pseudo-labels (model/pose.py) on real images.
+"""Sanity of the pose pseudo-labels (model/faces/pose.py) on real images.
 
     .venv/bin/python benchmarks/pose_sanity.py [--data-root ../shared/data] [--n 400] [--json out.json]
 
 For each data set, every sampled image and its left-right mirror image go through
-the same detection as `ipdfer prepare` (model.prepare.FaceWorker.detect); where
+the same detection as `ipdfer prepare` (model.data.features.FaceWorker.detect); where
 both are detected:
 - mirror consistency: yaw and roll should change sign and pitch stay, so report
   mean |yaw + yaw_mirrored|, mean |pitch - pitch_mirrored|, mean |roll + roll_mirrored|
@@ -27,9 +27,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from model.face import FaceDetector, load_image  # noqa: E402
-from model.pose import estimate_pose, flip_landmarks  # noqa: E402
-from model.prepare import SMALL_MIN_FACE, SOURCE_FALLBACK, FaceWorker  # noqa: E402
+from model.faces.detect import FaceDetector  # noqa: E402
+from model.images import load_image  # noqa: E402
+from model.faces.pose import estimate_pose, flip_landmarks  # noqa: E402
+from model.data.features import SMALL_MIN_FACE, FaceWorker  # noqa: E402
+from model.faces.preprocess import SOURCE_FALLBACK  # noqa: E402
 
 SETS = {"ckplus": "ckplus48/*/*.png", "muxspace": "muxspace/images/*.jpg", "fer2013": "fer2013/test/*/*.jpg"}
 

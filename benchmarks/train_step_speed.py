@@ -1,7 +1,7 @@
 """Seconds per training step (G + D phase, batch 64) on this machine's CPU for
 fp32 vs bfloat16 autocast and NCHW vs channels-last, interleaved in one run so
 machine noise hits every variant alike. Synthetic inputs; the step is the real
-GeneratorObjective + hinge D loss of model/train.py.
+GeneratorObjective + hinge D loss of model/training/train.py.
 
     .venv/bin/python benchmarks/train_step_speed.py [--steps 6] [--ablation]
 """
@@ -13,8 +13,8 @@ import time
 import torch
 
 from model.config import TrainConfig
-from model.losses import GeneratorObjective, hinge_d_loss
-from model.networks import IPDFER, Discriminator
+from model.nets.losses import GeneratorObjective, hinge_d_loss
+from model.nets.networks import IPDFER, Discriminator
 
 
 def make_step(cfg: TrainConfig, dtype: torch.dtype | None, channels_last: bool, ablation: bool):

@@ -59,7 +59,7 @@ class LossWeights:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossWeights = field(default_factory=LossWeights)
-    # (dataset, split) pairs read through model.data.load_split
+    # (dataset, split) pairs read through model.data.datasets.load_split
     train_sets: tuple[str, ...] = ("fer2013:train", "ckplus:train", "muxspace:train")
     val_sets: tuple[str, ...] = ("fer2013:val",)
     # splits whose people have both neutral and expressive photos (muxspace:train): each step
@@ -82,7 +82,7 @@ class TrainConfig:
     freeze_encoders: bool = False
     seed: int = 0
     num_workers: int = 2
-    # Batches made on the training device (model/device_data.py: the cache as one
+    # Batches made on the training device (model/data/device_data.py: the cache as one
     # uint8 tensor, batched augmentation) instead of a DataLoader; None = on CUDA only
     data_on_device: bool | None = None
     amp: bool = True             # fp16 on CUDA, bf16 on CPUs with native bf16

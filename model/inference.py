@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import face as facelib
+from model import faces as facelib
 from model.labels import EXPRESSIONS
 from model.weights import DEFAULT_WEIGHTS_DIR, LoadedWeights, load_weights
 
@@ -129,7 +129,7 @@ class Analyzer:
     @property
     def identity(self) -> torch.nn.Module:
         if self._identity is None:
-            from model.identity import load_identity_encoder
+            from model.faces.identity import load_identity_encoder
             self._identity = load_identity_encoder(device=str(self.device))
         return self._identity
 

@@ -3,7 +3,6 @@ training data, metrics, code commit). Loading verifies the hash and never
 unpickles code (torch.load(weights_only=True))."""
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from dataclasses import dataclass
@@ -12,10 +11,12 @@ from pathlib import Path
 
 import torch
 
+from model.fileio import atomic_write, atomic_write_text, sha256_file
+from model.paths import WEIGHTS_DIR
 from model.config import ModelConfig, from_dict, to_dict
-from model.networks import IPDFER
+from model.nets.networks import IPDFER
 
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_WEIGHTS_DIR = WEIGHTS_DIR
 MANIFEST = "manifest.json"
 
 
@@ -24,14 +25,6 @@ class LoadedWeights:
     model: IPDFER
     config: ModelConfig
     manifest: dict
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_commit() -> str | None:
@@ -50,7 +43,7 @@ def save_weights(model: IPDFER, out_dir: Path, *, name: str = "ipdfer", version:
     # Stored in fp16 to halve the repo's growth; loading casts back to fp32.
     state = {k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
-    torch.save({"model_config": to_dict(model.cfg), "state_dict": state}, file)
+    atomic_write(file, lambda tmp: torch.save({"model_config": to_dict(model.cfg), "state_dict": state}, tmp))
     manifest = {
         "name": name, "version": version, "file": file.name, "sha256": sha256_file(file),
         "size_bytes": file.stat().st_size, "trained": trained,
@@ -58,7 +51,7 @@ def save_weights(model: IPDFER, out_dir: Path, *, name: str = "ipdfer", version:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -154,7 +154,7 @@ async def predict(request: Request, options: Annotated[PredictOptions, Query()],
                   backend: BackendDep, metrics: MetricsDep) -> PredictOut:
     t0 = time.perf_counter()
     image = await read_upload(request, settings)
-    probe(image, max_pixels=settings.max_pixels, min_side=settings.min_image_side)
+    probe(image, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes, min_side=settings.min_image_side)
     reply = await backend.analyze(image, aligned=options.aligned, max_faces=options.max_faces,
                                   neutral=options.neutral)
     metrics.observe_reply(reply)
@@ -189,7 +189,7 @@ async def neutralize_face(
 async def neutralize_image(request: Request, options: Annotated[NeutralizeOptions, Query()],
                            settings: SettingsDep, backend: BackendDep, metrics: MetricsDep) -> Response:
     image = await read_upload(request, settings)
-    probe(image, max_pixels=settings.max_pixels, min_side=settings.min_image_side)
+    probe(image, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes, min_side=settings.min_image_side)
     reply = await backend.analyze(image, aligned=options.aligned, max_faces=None, neutral=True)
     metrics.observe_reply(reply)
     face = largest_face(reply["faces"])

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Protocol
 
 from service.batching import BatchPolicy, InProcessBatcher
-from service.errors import JobError, NoWorkers, ResultTimeout, Unavailable
+from service.errors import DeadLettered, JobError, NoWorkers, ResultTimeout, Unavailable
 from service.pipeline import OP_ANALYZE, OP_RENDER, Job, Outcome
 from service.settings import Settings
 
@@ -38,6 +38,8 @@ class Backend(Protocol):
 
 
 def _check(reply: dict[str, Any]) -> dict[str, Any]:
+    if reply.get("dead_letter"):
+        raise DeadLettered(str(reply.get("detail", "job dead-lettered")))
     if reply.get("status") != 200:
         raise JobError(int(reply.get("status", 500)), str(reply.get("detail", "job failed")))
     return reply

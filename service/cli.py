@@ -8,11 +8,11 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "detect": ("model.commands.detect", "detect faces in images, print JSON"),
-    "prepare": ("model.prepare", "build manifests, aligned-face cache, pose and identity features"),
-    "train": ("model.train", "train IPD-FER from a config"),
-    "evaluate": ("model.evaluate", "evaluate weights on a split, write a report"),
-    "export": ("model.export", "export a checkpoint to weights/ with a manifest"),
+    "detect": ("model.faces.cli", "detect faces in images, print JSON"),
+    "prepare": ("model.data.prepare", "build manifests, aligned-face cache, pose and identity features"),
+    "train": ("model.training.train", "train IPD-FER from a config"),
+    "evaluate": ("model.training.evaluate", "evaluate weights on a split, write a report"),
+    "export": ("model.training.export", "export a checkpoint to weights/ with a manifest"),
     "serve": ("service.server", "run the HTTP API (in-process queue without REDIS_URL)"),
     "worker": ("service.worker", "run a batching model worker on the Redis queue"),
     "predict": ("service.predict", "run the pipeline on files without a server (JSON lines)"),

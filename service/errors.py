@@ -25,5 +25,13 @@ class JobError(Exception):
         self.detail = detail
 
 
+class DeadLettered(JobError):
+    """A job that failed on every delivery and went to the dead-letter stream: 500.
+    The queue marks its reply (`"dead_letter": true`); nobody matches message text."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(500, detail)
+
+
 class Unavailable(Exception):
     """A dependency (Redis) cannot be reached: 503 with Retry-After, at once."""

@@ -3,7 +3,7 @@ job out. Pure compute (no Redis, no HTTP): the Redis worker, the in-process
 batcher and `ipdfer predict` all call `Pipeline.__call__`.
 
 Per job:
-  analyze  raw image bytes -> decode (model.face.load_image, typed errors) ->
+  analyze  raw image bytes -> decode (model.images.load_image, typed errors) ->
            one batched `Analyzer.analyze` over the whole batch -> faces + face ids
   render   a stored FaceState -> one batched `Analyzer.render` per kind -> PNG
 
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from service.images import image_error_status
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +58,6 @@ class Outcome:
 
 def error_reply(status: int, detail: str) -> dict[str, Any]:
     return {"status": status, "detail": detail}
-
-
-def image_error_status(exc: BaseException) -> int | None:
-    """HTTP status for model.face's typed image errors (None: not a client error)."""
-    from model.face import ImageDecodeError, ImageError, ImageTooLargeError, UnsupportedImageType
-    if isinstance(exc, ImageTooLargeError):
-        return 413
-    if isinstance(exc, UnsupportedImageType):
-        return 415
-    if isinstance(exc, (ImageDecodeError, ImageError)):
-        return 400
-    return None
 
 
 class Pipeline:
@@ -123,21 +113,17 @@ class Pipeline:
         return {"queue_ms": round(queue_ms, 2), **{k: round(v, 2) for k, v in extra.items()}}
 
     def _analyze(self, jobs: list[Job], idx: list[int], out: list, started: float) -> None:
-        from model.face import load_image
+        from model.images import check_min_side, load_image
 
         images, ok, decode_ms = [], [], {}
         for i in idx:
             t0 = time.perf_counter()
             try:
                 img = load_image(jobs[i].image, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+                check_min_side(img.shape[1], img.shape[0], self.min_side)
             except Exception as e:  # noqa: BLE001 - typed image errors are answers
                 status = image_error_status(e)
                 out[i] = Outcome(error_reply(status, str(e))) if status else e
-                continue
-            h, w = img.shape[:2]
-            if min(h, w) < self.min_side:
-                out[i] = Outcome(error_reply(422, f"image is {w}x{h} pixels; the smallest accepted "
-                                                  f"side is {self.min_side}"))
                 continue
             decode_ms[i] = (time.perf_counter() - t0) * 1000
             images.append(img)

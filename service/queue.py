@@ -307,7 +307,7 @@ class RedisQueue:
         return out
 
     async def dead_letter(self, job: QueuedJob, reason: str) -> bool:
-        reply = json.dumps({"status": 500, "detail": f"job dead-lettered: {reason}"})
+        reply = json.dumps({"status": 500, "detail": f"job dead-lettered: {reason}", "dead_letter": True})
         done = await self._dead_letter(
             keys=[self.stream, self.dead, self._key("answered", job.id), self._key("result", job.id)],
             args=[GROUP, job.entry, reply, self.result_ttl_s, self.dead_letter_maxlen,

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import router
 from service.backend import Backend, make_backend
-from service.errors import JobError, NoWorkers, QueueFull, ResultTimeout, Unavailable
+from service.errors import DeadLettered, JobError, NoWorkers, QueueFull, ResultTimeout, Unavailable
 from service.metrics import ApiMetrics
 from service.settings import Settings
 
@@ -117,7 +117,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(JobError)
     async def job_error(request: Request, exc: JobError) -> JSONResponse:
-        if exc.status == 500 and exc.detail.startswith("job dead-lettered"):
+        if isinstance(exc, DeadLettered):
             app.state.metrics.dead_lettered.inc()
         if exc.status == 422:
             return _error(422, exc.detail, errors=[])

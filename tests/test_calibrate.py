@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import calibrate
+from model.training import calibrate
 from model.config import ModelConfig, TrainConfig, from_dict
-from model.networks import IPDFER, MobileNetEncoder, imagenet_mobilenet_path
+from model.nets.networks import IPDFER, MobileNetEncoder, imagenet_mobilenet_path
 
 
 def test_mobilenet_start_is_torchvisions_imagenet_network_on_grey_faces():
@@ -63,7 +63,7 @@ def test_logit_adjustment_raises_recall_of_a_rare_class():
 def test_fit_sets_the_models_class_bias(shared_dir):
     """On real faces: the chosen tau lands in the model as -tau * log prior, and
     encode() adds it to the logits."""
-    from model.data import smoke_dataset
+    from model.data.datasets import smoke_dataset
     faces = smoke_dataset(64, shared_dir, n=28).faces
     torch.manual_seed(0)
     model = IPDFER(ModelConfig()).eval()

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import datasets as ds
+from model.data import manifests as mf
+from model.data import sources as ds
+from model.paths import MANIFEST_DIR
 from model.labels import EXPRESSIONS
 from tests import data_samples as samples
 
@@ -18,13 +20,13 @@ def src(shared_dir: Path) -> Path:
     return samples.data_dir(shared_dir)
 
 
-def assert_split_rules(m: ds.Manifest, by_subject: bool) -> None:
+def assert_split_rules(m: mf.Manifest, by_subject: bool) -> None:
     """One content hash per row and per split; no subject in two splits; valid fields."""
     shas = [r.sha256 for r in m.rows]
     assert len(shas) == len(set(shas)), "a content hash appears twice"
     assert [r.path for r in m.rows] == sorted(r.path for r in m.rows), "rows not sorted by path"
     for r in m.rows:
-        assert r.split in ds.SPLITS
+        assert r.split in mf.SPLITS
         assert r.label in EXPRESSIONS or (r.label == "" and r.contempt)
         assert len(r.sha256) == 64
         assert not Path(r.path).is_absolute() and ".." not in r.path
@@ -83,7 +85,7 @@ def test_ckplus_subject_split(src, tmp_path):
     assert_split_rules(m, by_subject=True)
     assert all(r.subject.startswith("S") and len(r.subject) == 4 for r in m.rows)
     assert len({r.subject for r in m.rows}) == 10
-    assert {r.split for r in m.rows} == set(ds.SPLITS)  # 10 subjects reach every split
+    assert {r.split for r in m.rows} == set(mf.SPLITS)  # 10 subjects reach every split
     contempt = [r for r in m.rows if "contempt/" in r.path]
     assert contempt and all(r.contempt and r.label == "" for r in contempt)
     assert all(r.label == "sad" for r in m.rows if "sadness/" in r.path)
@@ -157,33 +159,56 @@ def test_manifests_are_deterministic(src, tmp_path):
     for run in ("a", "b"):
         root = samples.make_muxspace(src, tmp_path / run)
         m = ds.load_muxspace(root)
-        ds.write_manifest(tmp_path / run / "muxspace.csv", m.rows)
-        ds.write_drops(tmp_path / run / "muxspace_dropped.csv", m.dropped)
+        mf.write_manifest(tmp_path / run / "muxspace.csv", m.rows)
+        mf.write_drops(tmp_path / run / "muxspace_dropped.csv", m.dropped)
         texts.append(((tmp_path / run / "muxspace.csv").read_bytes(),
                       (tmp_path / run / "muxspace_dropped.csv").read_bytes()))
     assert texts[0] == texts[1]
-    assert ds.write_manifest(tmp_path / "a" / "muxspace.csv", ds.read_manifest(tmp_path / "a" / "muxspace.csv")) is False
+    assert mf.write_manifest(tmp_path / "a" / "muxspace.csv", mf.read_manifest(tmp_path / "a" / "muxspace.csv")) is False
     with open(tmp_path / "a" / "muxspace.csv", newline="") as fh:
-        assert tuple(next(csv.reader(fh))) == ds.MANIFEST_FIELDS
+        assert tuple(next(csv.reader(fh))) == mf.MANIFEST_FIELDS
 
 
 def test_split_groups_fractions_and_seed():
     sizes = {f"S{i:03d}": 1 + i % 5 for i in range(200)}
-    a = ds.split_groups(sizes)
-    assert a == ds.split_groups(dict(reversed(list(sizes.items()))))  # order-free
-    assert a != ds.split_groups(sizes, seed=1)
+    a = mf.split_groups(sizes)
+    assert a == mf.split_groups(dict(reversed(list(sizes.items()))))  # order-free
+    assert a != mf.split_groups(sizes, seed=1)
     total = sum(sizes.values())
-    share = {s: sum(n for g, n in sizes.items() if a[g] == s) / total for s in ds.SPLITS}
+    share = {s: sum(n for g, n in sizes.items() if a[g] == s) / total for s in mf.SPLITS}
     assert abs(share["train"] - 0.70) < 0.03 and abs(share["val"] - 0.15) < 0.03
 
 
 def test_committed_manifests_follow_the_rules():
     """The committed manifests (if built) obey the same rules as the samples."""
-    folder = Path(ds.__file__).parent / "manifests"
+    folder = MANIFEST_DIR
     found = sorted(p for p in folder.glob("*.csv") if not p.name.endswith("_dropped.csv"))
     if not found:
         pytest.skip("no committed manifests yet")
     for path in found:
-        rows = ds.read_manifest(path)
+        rows = mf.read_manifest(path)
         by_subject = path.stem in ("ckplus", "muxspace")
-        assert_split_rules(ds.Manifest(rows), by_subject=by_subject)
+        assert_split_rules(mf.Manifest(rows), by_subject=by_subject)
+
+
+def test_fer_csv_rows_are_read_in_one_pass(src, tmp_path, monkeypatch):
+    """`ImageReader.read` opens a FER2013 CSV once for all the rows of a block
+    (the cache builder's unit), and the rows come back in the asked order."""
+    import builtins
+    path = samples.make_fer_csv(src, tmp_path)
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def counting_open(file, *a, **k):
+        opened.append(str(file))
+        return real_open(file, *a, **k)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    want = [f"fer2013.csv#{i}" for i in (4, 0, 7, 4)]
+    images = ds.ImageReader(path.parent).read(want)
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert [p for p in opened if p.endswith(".csv")] == [str(path)]
+    singles = [ds.ImageReader(path.parent)(p) for p in want]
+    assert all(np.array_equal(a, b) for a, b in zip(images, singles))
+    assert images[0].shape == (48, 48, 3) and np.array_equal(images[0], images[3])
+    with pytest.raises(IndexError):
+        ds.ImageReader(path.parent).read(["fer2013.csv#999"])

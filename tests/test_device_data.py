@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import torch
 
-from model.data import FaceSet, smoke_dataset
-from model.device_data import DeviceBatches, warp
+from model.data.datasets import FaceSet, smoke_dataset
+from model.data.device_data import DeviceBatches, warp
 
 
 def _faceset(images: np.ndarray, pose: np.ndarray) -> FaceSet:

@@ -6,11 +6,11 @@ import numpy as np
 import skimage.data
 import torch
 
-from model import face as facelib
+from model import faces as facelib
 from model.config import LossWeights, ModelConfig
 from model.inference import FaceState
-from model.losses import GeneratorObjective
-from model.networks import IPDFER, NeutralEditor
+from model.nets.losses import GeneratorObjective
+from model.nets.networks import IPDFER, NeutralEditor
 from tests.test_losses import batch_of
 
 EDITOR = ModelConfig(renderer="editor")
@@ -105,7 +105,7 @@ def test_a_face_is_edited_the_same_alone_in_a_batch_and_in_training_mode():
 
 
 def _pair_faces() -> "FaceSet":
-    from model.data import FaceSet
+    from model.data.datasets import FaceSet
     from model.labels import EXPRESSIONS, NEUTRAL
     happy = EXPRESSIONS.index("happy")
     rng = np.random.default_rng(0)
@@ -118,7 +118,7 @@ def _pair_faces() -> "FaceSet":
 
 
 def test_neutral_pairs_match_an_expressive_face_with_the_same_persons_neutral_face():
-    from model.data import NeutralPairs
+    from model.data.datasets import NeutralPairs
     faces = _pair_faces()
     pairs = NeutralPairs([faces], seed=1)
     assert sorted(i for _, i in pairs.expressive) == [1, 2]   # bob has no neutral photo
@@ -139,7 +139,7 @@ def test_neutral_pairs_match_an_expressive_face_with_the_same_persons_neutral_fa
 
 
 def test_masked_correlation_reads_only_the_expression_regions():
-    from model.losses import masked_correlation
+    from model.nets.losses import masked_correlation
     torch.manual_seed(0)
     a = torch.rand(2, 1, 64, 64)
     mask = torch.from_numpy(facelib.expression_regions(64))

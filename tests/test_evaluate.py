@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from model import evaluate
+from model.training import evaluate
 from service.cli import main as cli
 from tests import data_samples as samples
 

@@ -15,11 +15,12 @@ import torch
 from PIL import Image, ImageFile
 from skimage import data as skdata
 
-from model.face import (
-    CANONICAL_LANDMARKS, DLIB_CHIP_LANDMARKS, Detection, FaceDetector, FacePipeline,
-    ImageDecodeError, ImageError, ImageTooLargeError, UnsupportedImageType, align_face,
-    center_crop_face, center_landmarks, dlib_chip, dlib_chip_transform, image_format,
-    load_image, similarity_transform, to_model_input, to_uint8,
+from model.faces import (
+    CANONICAL_LANDMARKS, DLIB_CHIP_LANDMARKS, Detection, FaceDetector, FacePipeline, align_face,
+    center_landmarks, dlib_chip, dlib_chip_transform, similarity_transform, to_model_input, to_uint8,
+)
+from model.images import (
+    ImageDecodeError, ImageError, ImageTooLargeError, UnsupportedImageType, _open, _read_bytes, load_image,
 )
 from tests import data_samples as samples
 
@@ -27,6 +28,20 @@ ASTRONAUT_BOX = np.array([181, 62, 268, 172])  # MTCNN's face box, measured once
 
 
 # -- fixtures and helpers ---------------------------------------------------------
+
+def image_format(data: bytes) -> str | None:
+    """Pillow's format name from the header, or None (what the decoder saw)."""
+    try:
+        with _open(_read_bytes(data, 1 << 25)) as im:
+            return im.format
+    except ImageError:
+        return None
+
+
+def center_crop_face(image_rgb: np.ndarray, size: int = 64, margin: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    """The template over the image's central square (grown by -margin, moved by dy), aligned."""
+    return align_face(image_rgb, center_landmarks(np.shape(image_rgb), margin, dy), size)
+
 
 @pytest.fixture(scope="module")
 def detector() -> FaceDetector:
@@ -346,7 +361,7 @@ def test_center_crop_face():
     resized = cv2.cvtColor(cv2.resize(image, (64, 64), interpolation=cv2.INTER_LINEAR),
                            cv2.COLOR_RGB2GRAY)
     assert np.abs(plain.astype(int) - resized).max() <= 1
-    fallback = center_crop_face(image, 64)
+    fallback = center_crop_face(image, 64, margin=-0.075, dy=-0.06)  # grown and raised
     assert fallback.shape == (64, 64) and fallback.dtype == np.uint8
     wide = center_landmarks((48, 96, 3))  # the central square of a wide image
     assert np.allclose(wide, center_landmarks((48, 48, 3)) + [24, 0])
@@ -467,7 +482,8 @@ def test_aligned_crops_are_prepared_exactly_like_training_crops(pipeline, shared
     the same landmarks (prepare.FaceWorker.detect) and the same aligned face, bit
     for bit, on real FER2013 test crops; a crop without a face takes the same
     central-square fallback."""
-    from model.prepare import SOURCE_FALLBACK, FaceWorker
+    from model.data.features import FaceWorker
+    from model.faces.preprocess import SOURCE_FALLBACK
     files = sorted((samples.data_dir(shared_dir) / "fer2013/test/fear").iterdir())[:12]
     crops = [load_image(f) for f in files] + [np.full((48, 48, 3), 128, np.uint8)]
     worker = FaceWorker.__new__(FaceWorker)  # detection only: skip the identity network
@@ -491,9 +507,9 @@ def test_one_identity_path_for_preparation_and_serving(pipeline, astronaut):
     """The descriptor G is conditioned on is computed the same way by `ipdfer prepare`
     (training) and by the service: the grey identity chip of the same landmarks.
     On a colour photo that differs from dlib's usual RGB chip, so the choice matters."""
-    from model.identity import load_identity_encoder
-    from model.prepare import FaceWorker
-    from model.face import identity_input
+    from model.faces.identity import load_identity_encoder
+    from model.data.features import FaceWorker
+    from model.faces.preprocess import identity_input
     trained = FaceWorker().features([astronaut])["identity"][0]
     [[face]] = pipeline.process([astronaut])
     encoder = load_identity_encoder()

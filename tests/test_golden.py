@@ -61,8 +61,8 @@ def test_preparation_matches_golden_features(shared_dir):
 
     import torch
 
-    from model import datasets as ds
-    from model.prepare import FaceWorker, align_all
+    from model.data import sources as ds
+    from model.data.features import FaceWorker, align_all
     golden = json.loads((GOLDEN.parent / "prepare.json").read_text())
     torch.set_num_threads(1)
     reader = ds.ImageReader(data_dir(shared_dir) / "fer2013")

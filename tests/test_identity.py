@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.identity import (
+from model.faces.identity import (
     IDENTITY_THRESHOLD,
     DlibResNet,
     descriptor_distance,

@@ -5,11 +5,11 @@ import pytest
 import skimage.data
 import torch
 
-from model import face as facelib
+from model import faces as facelib
 from model.config import LossWeights, ModelConfig
 from model.labels import NEUTRAL
-from model.losses import GeneratorObjective, IdentityLoss
-from model.networks import IPDFER
+from model.nets.losses import GeneratorObjective, IdentityLoss
+from model.nets.networks import IPDFER
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from model.pose import FACE_TEMPLATE_MM, estimate_pose, flip_landmarks, pose_from_rotation, project, \
+from model.faces.pose import FACE_TEMPLATE_MM, estimate_pose, flip_landmarks, pose_from_rotation, project, \
     rotation_from_pose
 from tests import data_samples as samples
 
@@ -72,14 +72,14 @@ def test_in_plane_rotation_changes_roll_as_the_augmentation_assumes():
 @pytest.fixture(scope="module")
 def real_faces(shared_dir):
     """MTCNN landmarks of a few real images and of their mirror images."""
-    from model.face import load_image
-    from model.prepare import FaceWorker
+    from model.images import load_image
+    from model.data.features import FaceWorker
     src = samples.data_dir(shared_dir)
     files = [src / "muxspace/images" / f"{s}.jpg" for s in samples.MUX_PICK[:8]]
     files += sorted((src / "ckplus48/happy").iterdir())[:4]
     images = [load_image(f) for f in files]
     worker = FaceWorker.__new__(FaceWorker)  # detection only: skip the identity network
-    from model.face import FaceDetector
+    from model.faces.detect import FaceDetector
     worker.det_small = FaceDetector(min_face_size=40)
     worker.det_large = FaceDetector()
     dets = worker.detect(images)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model import data as datalib
-from model import datasets as ds
-from model import prepare
+from model.data import datasets as datalib
+from model.data import manifests as mf
+from model.data import prepare
 from service.cli import main as cli
 from tests import data_samples as samples
 
@@ -62,14 +62,14 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_cache_layout_and_load_split(first_run, tree):
     cache, calls = first_run
-    n_images = {name: len(ds.read_manifest(tree / "manifests" / f"{name}.csv")) for name in ("ckplus", "muxspace", "blank")}
+    n_images = {name: len(mf.read_manifest(tree / "manifests" / f"{name}.csv")) for name in ("ckplus", "muxspace", "blank")}
     assert sum(calls) == sum(n_images.values())
     for name, n in n_images.items():
         index = json.loads((cache / name / "index.json").read_text())
         assert index["n"] == n and index["sizes"] == [64]
         faces = np.load(cache / name / "faces_64.npy", mmap_mode="r")
         assert faces.shape == (n, 64, 64) and faces.dtype == np.uint8
-        parts = [datalib.load_split(name, s, size=64, cache_dir=cache) for s in ds.SPLITS]
+        parts = [datalib.load_split(name, s, size=64, cache_dir=cache) for s in mf.SPLITS]
         assert sum(len(p) for p in parts) == n
         for fs in parts:
             if not len(fs):
@@ -81,10 +81,10 @@ def test_cache_layout_and_load_split(first_run, tree):
             assert np.isfinite(fs.pose).all() and np.isfinite(fs.identity).all()
             assert (np.linalg.norm(fs.identity, axis=1) > 0.1).all()
     mux = datalib.load_split("muxspace", "all", cache_dir=cache)
-    rows = {r.path: r for r in ds.read_manifest(tree / "manifests" / "muxspace.csv")}
+    rows = {r.path: r for r in mf.read_manifest(tree / "manifests" / "muxspace.csv")}
     for path, subject, label in zip(mux.paths, mux.subjects, mux.labels):
         assert rows[path].subject == subject
-        assert label == ds.label_index(rows[path])
+        assert label == mf.label_index(rows[path])
     ck = datalib.load_split("ckplus", "all", cache_dir=cache)
     assert (ck.labels[[("contempt/" in p) for p in ck.paths]] == -1).all()
     assert not ck.fallback.any() and np.median(np.abs(ck.pose[:, 0])) < 10  # frontal CK+ faces

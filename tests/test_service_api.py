@@ -358,10 +358,29 @@ def test_health_ready_metrics_and_docs(service_pipeline):
     run(go())
 
 
-def test_probe_accepts_the_formats_the_decoder_accepts():
-    from model.face import SUPPORTED_FORMATS as decoder_formats
-    from service.images import SUPPORTED_FORMATS as probe_formats
-    assert probe_formats == decoder_formats
+def test_probe_and_decoder_are_one_module():
+    """The API edge probes with the decoder's own module (model.images): one format
+    list, one set of limits; the edge only maps its typed errors to statuses."""
+    import io as _io
+
+    from PIL import Image as _Image
+
+    from model import images as decoder
+    from service import images as edge
+    from service.errors import JobError
+    assert edge.probe_header is decoder.probe
+    for fmt, status in (("GIF", 415), ("PNG", None)):
+        buf = _io.BytesIO()
+        _Image.new("RGB", (32, 32)).save(buf, format=fmt)
+        if status:
+            with pytest.raises(JobError) as info:
+                edge.probe(buf.getvalue(), max_pixels=10_000, max_bytes=1 << 20)
+            assert info.value.status == status
+        else:
+            assert edge.probe(buf.getvalue(), max_pixels=10_000, max_bytes=1 << 20) == ("PNG", 32, 32)
+    for err, status in ((decoder.ImageTooLargeError("x"), 413), (decoder.ImageTooSmallError("x"), 422),
+                        (decoder.ImageDecodeError("x"), 400), (ValueError("x"), None)):
+        assert edge.image_error_status(err) == status
 
 
 # --- backpressure and timeouts, with a fake batch function ----------------------------

@@ -209,3 +209,18 @@ def test_a_lone_item_on_an_idle_loop_is_not_held_back():
     clock = FakeClock()
     batch = run(next_batch(source, BatchPolicy(max_batch_size=8, max_wait_s=1000.0), busy=False, clock=clock))
     assert batch == [1, 2, 3] and source.calls[1] == (6, 1000.0)
+
+
+def test_a_dead_lettered_reply_raises_the_typed_error():
+    """The queue marks a dead-lettered reply; the backend raises DeadLettered (a
+    JobError, 500), so the edge counts it without matching message text."""
+    import pytest as _pytest
+
+    from service.backend import _check
+    from service.errors import DeadLettered, JobError
+    with _pytest.raises(DeadLettered) as info:
+        _check({"status": 500, "detail": "gone after 3 tries", "dead_letter": True})
+    assert isinstance(info.value, JobError) and info.value.status == 500
+    with _pytest.raises(JobError) as other:
+        _check({"status": 500, "detail": "job dead-lettered: lookalike text"})
+    assert not isinstance(other.value, DeadLettered)

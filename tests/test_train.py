@@ -13,7 +13,7 @@ from service.cli import main
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, shared_dir):
     run_dir = tmp_path_factory.mktemp("run")
-    assert main(["train", "--smoke", "--run-dir", str(run_dir), "--shared-dir", str(shared_dir)]) == 0
+    assert main(["train", "--smoke", "--run-dir", str(run_dir), "--data-root", str(shared_dir)]) == 0
     return run_dir
 
 
@@ -37,7 +37,7 @@ def test_smoke_run_writes_config_log_and_checkpoint(smoke_run):
 def test_resume_continues_from_checkpoint(smoke_run, shared_dir, capsys):
     before = torch.load(smoke_run / "last.pt", map_location="cpu", weights_only=True)
     assert main(["train", "--smoke", "--max-steps", "5", "--run-dir", str(smoke_run),
-                 "--shared-dir", str(shared_dir)]) == 0
+                 "--data-root", str(shared_dir)]) == 0
     assert f"resumed from {smoke_run / 'last.pt'} at step 3" in capsys.readouterr().out
     after = torch.load(smoke_run / "last.pt", map_location="cpu", weights_only=True)
     assert after["step"] == 5
@@ -73,7 +73,7 @@ def test_tampered_weights_are_refused(smoke_run, tmp_path):
 
 
 def test_ema_warms_up_so_short_runs_are_not_mostly_initialisation():
-    from model.train import EMA
+    from model.training.train import EMA
     model = torch.nn.Linear(2, 2, bias=False)
     torch.nn.init.zeros_(model.weight)
     ema = EMA(model, decay=0.999)
@@ -90,7 +90,7 @@ def test_init_starts_a_new_run_from_exported_weights(smoke_run, shared_dir, tmp_
                  "--version", "9.9.9"]) == 0
     run_dir = tmp_path / "child"
     assert main(["train", "--smoke", "--max-steps", "1", "--init", str(parent), "--run-dir", str(run_dir),
-                 "--shared-dir", str(shared_dir)]) == 0
+                 "--data-root", str(shared_dir)]) == 0
     ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["data"]["init"]["version"] == "9.9.9"
     assert ckpt["data"]["init"]["sha256"] == load_weights(parent).manifest["sha256"]
@@ -105,11 +105,11 @@ def test_init_refuses_weights_of_another_architecture(smoke_run, shared_dir, tmp
     main(["export", "--checkpoint", str(smoke_run / "last.pt"), "--out", str(parent)])
     with pytest.raises(ValueError, match="different architecture"):
         main(["train", "--smoke", "--max-steps", "1", "--image-size", "32", "--init", str(parent),
-              "--run-dir", str(tmp_path / "child"), "--shared-dir", str(shared_dir)])
+              "--run-dir", str(tmp_path / "child"), "--data-root", str(shared_dir)])
 
 
 def test_mixed_precision_dtype_follows_the_device():
-    from model.train import autocast_dtype
+    from model.training.train import autocast_dtype
     assert autocast_dtype(torch.device("cuda")) == torch.float16
     cpu = autocast_dtype(torch.device("cpu"))
     assert cpu == (torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None)
@@ -125,9 +125,9 @@ def test_freeze_encoders_trains_the_renderer_and_leaves_predictions_alone(smoke_
     run_dir = tmp_path / "polish"
     with pytest.raises(ValueError, match="--init"):
         main(["train", str(tmp_path / "polish.json"), "--smoke", "--run-dir", str(run_dir),
-              "--shared-dir", str(shared_dir)])
+              "--data-root", str(shared_dir)])
     assert main(["train", str(tmp_path / "polish.json"), "--smoke", "--max-steps", "2", "--init", str(parent),
-                 "--run-dir", str(run_dir), "--shared-dir", str(shared_dir)]) == 0
+                 "--run-dir", str(run_dir), "--data-root", str(shared_dir)]) == 0
     start = load_weights(parent).model.state_dict()
     after = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
     for k in start:
@@ -152,7 +152,7 @@ def test_two_process_training_keeps_ranks_identical(shared_dir, tmp_path, extra)
     only all-reduced gradients keep their parameters equal; every checkpoint checks
     that (train.assert_ranks_in_sync), and the run fails if they diverge."""
     run_dir = tmp_path / "run"
-    out = _torchrun(["--smoke", "--run-dir", str(run_dir), "--shared-dir", str(shared_dir), *extra], tmp_path)
+    out = _torchrun(["--smoke", "--run-dir", str(run_dir), "--data-root", str(shared_dir), *extra], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ranks diverged" not in out.stderr
     ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
@@ -166,7 +166,7 @@ def test_rank_check_catches_diverged_parameters(tmp_path):
     script = tmp_path / "diverge.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
-        "from model.train import assert_ranks_in_sync\n"
+        "from model.training.train import assert_ranks_in_sync\n"
         "dist.init_process_group('gloo')\n"
         "m = torch.nn.Linear(3, 2)\n"
         "torch.manual_seed(dist.get_rank()); torch.nn.init.normal_(m.weight)\n"

@@ -22,16 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["FaceSet", "load_split", "FaceDataset", "NeutralPairs", "cache_root", "default_cache_dir", "flip_pose", "smoke_dataset"]
+from model.faces.preprocess import to_model_input
+from model.paths import default_cache_dir
 
-
-def cache_root() -> Path:
-    """Root of everything this project caches (data, runs): env IPDFER_CACHE."""
-    return Path(os.environ.get("IPDFER_CACHE", Path.home() / ".cache" / "ipdfer"))
-
-
-def default_cache_dir() -> Path:
-    return cache_root() / "data"
+__all__ = ["FaceSet", "load_split", "FaceDataset", "NeutralPairs", "flip_pose", "smoke_dataset"]
 
 
 @dataclass
@@ -40,7 +34,7 @@ class FaceSet:
     split: str
     images: np.ndarray     # uint8 (N, S, S), memory-mapped from faces_<S>.npy
     labels: np.ndarray     # int64 (N,), index into EXPRESSIONS, -1 = unlabeled / contempt
-    pose: np.ndarray       # float32 (N, 3) yaw, pitch, roll in degrees (model/pose.py)
+    pose: np.ndarray       # float32 (N, 3) yaw, pitch, roll in degrees (model/faces/pose.py)
     identity: np.ndarray   # float32 (N, 128) frozen E_id descriptors
     subjects: list[str]    # person id or ""
     paths: list[str]       # relative to the dataset root (manifest `path`)
@@ -86,10 +80,10 @@ def load_split(dataset: str, split: str, size: int = 64, cache_dir: str | Path |
 
 def _check_manifest(dataset: str, index: dict) -> None:
     """Warn when the committed manifest no longer matches what the cache was built from."""
-    from model import datasets as ds
-    from model.prepare import MANIFEST_DIR, manifest_digest, ordered
+    from model.data.manifests import manifest_digest, ordered, read_manifest
+    from model.paths import MANIFEST_DIR
     path = Path(index.get("manifest") or MANIFEST_DIR / f"{dataset}.csv")
-    if path.is_file() and manifest_digest(ordered(ds.read_manifest(path))) != index.get("manifest_sha256"):
+    if path.is_file() and manifest_digest(ordered(read_manifest(path))) != index.get("manifest_sha256"):
         warnings.warn(f"{path} differs from the manifest the {dataset} cache was built from; "
                       "run `ipdfer prepare` again", stacklevel=3)
 
@@ -127,7 +121,7 @@ class FaceDataset(Dataset):
         if self.augment:
             img, pose = self._augment(img, pose)
         return {
-            "image": torch.from_numpy(img).float().div_(127.5).sub_(1.0).unsqueeze(0),  # (1, S, S)
+            "image": to_model_input(np.ascontiguousarray(img)[None])[0],  # (1, S, S) in [-1, 1]
             "label": torch.tensor(int(f.labels[i]), dtype=torch.int64),
             "pose": torch.from_numpy(pose),                                          # (3,)
             "identity": torch.from_numpy(np.asarray(f.identity[i], dtype=np.float32).copy()),  # (128,)
@@ -196,21 +190,22 @@ class NeutralPairs:
             if self.rng.random() < 0.5:
                 pair = pair[:, :, ::-1]
             images.append(pair[0]), targets.append(pair[1]), ids.append(f.identity[i])
-        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float().div_(127.5).sub_(1.0).unsqueeze(1)  # noqa: E731
-        return {"pair_image": to(np.stack(images)), "pair_target": to(np.stack(targets)),
+        return {"pair_image": to_model_input(np.stack(images)), "pair_target": to_model_input(np.stack(targets)),
                 "pair_identity": torch.from_numpy(np.stack(ids).astype(np.float32))}
 
 
-def smoke_dataset(size: int = 64, shared_dir: str | Path | None = None, n: int = 64) -> FaceDataset:
+def smoke_dataset(size: int = 64, data_dir: str | Path | None = None, n: int = 64) -> FaceDataset:
     """A small real FaceDataset built on the fly (no cache needed): `n` CK+ and
-    FER2013 images from the shared data folder through the same face work as
+    FER2013 images from the data folder (`data_dir`, else env IPDFER_DATA) through the same face work as
     `ipdfer prepare`. For smoke tests of the training loop."""
-    from model import datasets as ds
-    from model.face import align_face
+    from model.data import sources as ds
+    from model.faces.align import align_face
     from model.labels import EXPRESSIONS, canonical
-    from model.prepare import SOURCE_FALLBACK, FaceWorker
-    shared = Path(shared_dir) if shared_dir else Path(__file__).resolve().parents[1].parent / "shared"
-    data = shared / "data" if (shared / "data").is_dir() else shared
+    from model.data.features import FaceWorker
+    from model.faces.preprocess import SOURCE_FALLBACK
+    from model.paths import require_data_root
+    data = require_data_root(data_dir)
+    data = data / "data" if (data / "data").is_dir() else data  # a folder holding data/ works too
     picks: list[tuple[Path, str]] = []
     for sub in ("ckplus48", "fer2013/train"):
         root = data / sub

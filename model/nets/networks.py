@@ -1,7 +1,7 @@
 """IPD-FER networks: expression and pose encoders, the decoder G that renders a
 person's face from (identity, pose[, expression]), the residue classifier and
 the discriminator. The identity encoder is the frozen dlib port in
-model/identity.py and is not part of these state_dicts."""
+model/faces/identity.py and is not part of these state_dicts."""
 from __future__ import annotations
 
 import torch
@@ -272,7 +272,7 @@ class IPDFER(nn.Module):
             ConvEncoder(cfg.residue_widths, 1, cfg.residue_widths[-1]),
             nn.Linear(cfg.residue_widths[-1], cfg.num_classes))
         # Post-hoc logit adjustment (Menon et al. 2021): -tau * log(class prior), tau
-        # chosen on validation by `ipdfer export --logit-adjust` (model/calibrate.py);
+        # chosen on validation by `ipdfer export --logit-adjust` (model/training/calibrate.py);
         # zeros = the plain classifier.
         self.register_buffer("class_bias", torch.zeros(cfg.num_classes))
 

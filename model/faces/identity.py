@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.dlib_format import DlibNet, load_dlib_net
+from model.faces.dlib_format import DlibNet, load_dlib_net
 
 IDENTITY_THRESHOLD = 0.6  # dlib: descriptor distance below this = same person
 CHIP_SIZE = 150

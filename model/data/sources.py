@@ -1,23 +1,5 @@
-"""Dataset loaders: public folder layouts -> manifest rows (no pixels, no face work).
-
-A manifest is a CSV committed under `model/manifests/<dataset>.csv`, one row per image:
-
-    dataset, path, label, contempt, subject, sha256, split
-
-- `path` is relative to the dataset's root folder (never absolute, never the image).
-  FER2013 given as the Kaggle CSV has virtual paths `fer2013.csv#<row>`.
-- `label` is one of `model.labels.EXPRESSIONS` or "" (contempt / unlabeled).
-- `contempt` is 1 for contempt (kept as a flag, excluded from the 7-class tasks).
-- `subject` is the person where the dataset tells it (CK+ `S010`, LFW `George_W_Bush`).
-- `sha256` is the file's content hash (FER2013 CSV: the 48*48 pixel bytes).
-- `split` is train / val / test.
-
-Rules, applied to every dataset (`dedup`): one content hash is in one split only.
-Exact duplicates keep one file (train first, then test, then val, then the first path)
-and groups whose copies carry different labels are dropped entirely; every drop is
-returned with its reason. Subject-labelled sets (CK+, muxspace) are split by subject,
-70/15/15 of the images, with a fixed seed (`split_groups`). Rows are sorted by path,
-so two runs on the same files give byte-identical manifests.
+"""Dataset sources: public folder layouts -> manifest rows (`model.data.manifests`;
+no face work), and the pixels of a manifest path back (`ImageReader`).
 
 Supported layouts (`LOADERS`; `load_dataset(kind, root)` picks one):
     fer2013    <root>/{train,test}/<emotion>/{Training,PublicTest,PrivateTest}_*.jpg
@@ -32,88 +14,25 @@ Supported layouts (`LOADERS`; `load_dataset(kind, root)` picks one):
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from model.labels import EXPRESSIONS, canonical
+from model.data.manifests import SEED, SPLITS, Drop, Manifest, Row, finish, holdout_val, split_groups
+from model.fileio import sha256_bytes, sha256_file
+from model.images import load_image
+from model.labels import canonical
 
-__all__ = [
-    "MANIFEST_FIELDS", "SPLITS", "SEED", "Row", "Drop", "Manifest",
-    "sha256_file", "sha256_bytes", "dedup", "split_groups", "subject_from_name",
-    "load_fer2013", "load_fer2013_folders", "load_fer2013_csv", "load_ckplus",
-    "load_muxspace", "load_rafdb", "load_affectnet", "load_generic",
-    "LOADERS", "DATASETS", "find_root", "load_dataset",
-    "write_manifest", "read_manifest", "write_drops", "ImageReader",
-]
-
-MANIFEST_FIELDS = ("dataset", "path", "label", "contempt", "subject", "sha256", "split")
-SPLITS = ("train", "val", "test")
-SEED = 20240613                       # every seeded split in this module
-SUBJECT_FRACTIONS = (0.70, 0.15, 0.15)  # train / val / test share of the images
-HOLDOUT_VAL = 0.10                    # val carved from train where a set has none
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
-DEDUP_PRIORITY = ("train", "test", "val")  # which copy of a duplicate survives
-
-
-@dataclass(frozen=True, order=True)
-class Row:
-    dataset: str
-    path: str          # relative to the dataset root
-    label: str         # canonical 7-class name or ""
-    contempt: bool
-    subject: str       # person id or ""
-    sha256: str
-    split: str
-
-    def as_csv(self) -> dict[str, str]:
-        return {"dataset": self.dataset, "path": self.path, "label": self.label,
-                "contempt": "1" if self.contempt else "0", "subject": self.subject,
-                "sha256": self.sha256, "split": self.split}
-
-
-@dataclass(frozen=True)
-class Drop:
-    path: str
-    sha256: str
-    split: str
-    reason: str        # duplicate / duplicate_of_<split> / conflicting_labels / ...
-    kept: str = ""     # the path that survived, for duplicates
-
-
-@dataclass
-class Manifest:
-    rows: list[Row]
-    dropped: list[Drop] = field(default_factory=list)
-
-    def drop_counts(self) -> dict[str, int]:
-        return dict(sorted(Counter(d.reason for d in self.dropped).items()))
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        """{split: {label or 'contempt' or 'unlabeled': n}}"""
-        out: dict[str, Counter] = defaultdict(Counter)
-        for r in self.rows:
-            out[r.split][r.label or ("contempt" if r.contempt else "unlabeled")] += 1
-        return {s: dict(sorted(out[s].items())) for s in SPLITS if s in out}
 
 
 # ---------------------------------------------------------------------------
-# 1. Hashing, labels, subjects
+# 1. Labels, subjects
 # ---------------------------------------------------------------------------
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    return sha256_bytes(Path(path).read_bytes())
-
 
 def _label(name: str) -> tuple[str, bool] | None:
     """Dataset spelling -> (canonical label or "", contempt flag); None = unknown."""
@@ -137,72 +56,6 @@ def subject_from_name(file_name: str) -> str:
     return base or stem
 
 
-def _hash_key(seed: int, key: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
-
-
-def split_groups(sizes: dict[str, int], fractions: tuple[float, float, float] = SUBJECT_FRACTIONS,
-                 seed: int = SEED) -> dict[str, str]:
-    """Assign whole groups (subjects) to train/val/test so that ~`fractions` of the
-    images land in each. Groups are ordered by a seeded hash of their name (stable
-    whatever the platform) and cut where the running image count crosses the
-    fractions (a group goes where its middle image falls)."""
-    order = sorted(sizes, key=lambda g: (_hash_key(seed, g), g))
-    total = sum(sizes.values()) or 1
-    bounds = np.cumsum(fractions)
-    out, seen = {}, 0
-    for g in order:
-        mid = (seen + sizes[g] / 2) / total
-        out[g] = SPLITS[min(int(np.searchsorted(bounds, mid, side="right")), 2)]
-        seen += sizes[g]
-    return out
-
-
-def _holdout_val(rows: list[Row], fraction: float = HOLDOUT_VAL, seed: int = SEED) -> list[Row]:
-    """Move a seeded `fraction` of train rows to val (by subject when known, else by
-    content hash, so copies move together)."""
-    out = []
-    for r in rows:
-        key = r.subject or r.sha256
-        if r.split == "train" and _hash_key(seed, key) % 10_000 < fraction * 10_000:
-            r = replace(r, split="val")
-        out.append(r)
-    return out
-
-
-def dedup(rows: list[Row], priority: tuple[str, ...] = DEDUP_PRIORITY) -> Manifest:
-    """One row per content hash; conflicting-label groups dropped entirely.
-
-    A duplicate group keeps the copy in the first split of `priority` (then the
-    first path). Dropped copies are reported as `duplicate` (same split as the kept
-    one) or `duplicate_of_<split>` (e.g. a test image whose content is in train).
-    """
-    groups: dict[str, list[Row]] = defaultdict(list)
-    for r in rows:
-        groups[r.sha256].append(r)
-    kept, dropped = [], []
-    rank = {s: i for i, s in enumerate(priority)}
-    for sha, group in groups.items():
-        if len(group) == 1:
-            kept.append(group[0])
-            continue
-        if len({(r.label, r.contempt) for r in group}) > 1:
-            dropped += [Drop(r.path, sha, r.split, "conflicting_labels") for r in group]
-            continue
-        group.sort(key=lambda r: (rank.get(r.split, len(rank)), r.path))
-        best = group[0]
-        kept.append(best)
-        for r in group[1:]:
-            reason = "duplicate" if r.split == best.split else f"duplicate_of_{best.split}"
-            dropped.append(Drop(r.path, sha, r.split, reason, kept=best.path))
-    return Manifest(sorted(kept, key=lambda r: r.path), sorted(dropped, key=lambda d: d.path))
-
-
-def _finish(rows: list[Row], dropped: Iterable[Drop] = ()) -> Manifest:
-    m = dedup(rows)
-    m.dropped = sorted([*dropped, *m.dropped], key=lambda d: (d.path, d.reason))
-    return m
-
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
@@ -214,6 +67,7 @@ def _progress(items, desc: str):
         return tqdm(items, desc=desc, unit="img", leave=False, mininterval=1.0)
     except ImportError:  # pragma: no cover
         return items
+
 
 
 # ---------------------------------------------------------------------------
@@ -240,7 +94,7 @@ def load_fer2013_folders(root: Path, name: str = "fer2013") -> Manifest:
             dropped.append(Drop(rel, "", split, f"unknown_label:{emo.name}"))
             continue
         rows.append(Row(name, rel, lab[0], lab[1], "", sha256_file(f), split))
-    return _finish(rows, dropped)
+    return finish(rows, dropped)
 
 
 def load_fer2013_csv(csv_path: Path, name: str = "fer2013") -> Manifest:
@@ -255,7 +109,7 @@ def load_fer2013_csv(csv_path: Path, name: str = "fer2013") -> Manifest:
             label = FER_CSV_LABELS[int(rec["emotion"])]
             rows.append(Row(name, f"{csv_path.name}#{i}", label, False, "",
                             sha256_bytes(pixels.tobytes()), split))
-    return _finish(rows)
+    return finish(rows)
 
 
 def load_fer2013(root: Path, name: str = "fer2013") -> Manifest:
@@ -284,7 +138,7 @@ def load_ckplus(root: Path, name: str = "ckplus", seed: int = SEED) -> Manifest:
             continue
         m = re.match(r"(S\d+)", f.name)
         rows.append(Row(name, rel, lab[0], lab[1], m.group(1) if m else "", sha256_file(f), ""))
-    return _finish(_split_by_subject(rows, seed), dropped)
+    return finish(_split_by_subject(rows, seed), dropped)
 
 
 def _split_by_subject(rows: list[Row], seed: int) -> list[Row]:
@@ -322,7 +176,7 @@ def load_muxspace(root: Path, name: str = "muxspace", seed: int = SEED) -> Manif
             dropped.append(Drop(rel, "", "", f"unknown_label:{emotion}"))
             continue
         rows.append(Row(name, rel, lab[0], lab[1], subject_from_name(f.name), sha256_file(f), ""))
-    return _finish(_split_by_subject(rows, seed), dropped)
+    return finish(_split_by_subject(rows, seed), dropped)
 
 
 RAFDB_LABELS = ("surprise", "fear", "disgust", "happy", "sad", "anger", "neutral")  # 1..7
@@ -353,7 +207,7 @@ def load_rafdb(root: Path, name: str = "rafdb", seed: int = SEED) -> Manifest:
             continue
         rows.append(Row(name, rel, RAFDB_LABELS[int(code) - 1], False, "",
                         sha256_file(base / rel[len(root_prefix):]), split))
-    return _finish(_holdout_val(rows, seed=seed), dropped)
+    return finish(holdout_val(rows, seed=seed), dropped)
 
 
 AFFECTNET_LABELS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger")  # 0..6, 7 = contempt
@@ -387,7 +241,7 @@ def load_affectnet(root: Path, name: str = "affectnet", seed: int = SEED) -> Man
             rows.append(Row(name, rel, label, contempt, "", sha256_file(root / rel), split))
     if not rows and not dropped:
         raise FileNotFoundError(f"{root}: no training.csv / validation.csv")
-    return _finish(_holdout_val(rows, seed=seed), dropped)
+    return finish(holdout_val(rows, seed=seed), dropped)
 
 
 def load_generic(root: Path, name: str = "generic", seed: int = SEED) -> Manifest:
@@ -408,7 +262,7 @@ def load_generic(root: Path, name: str = "generic", seed: int = SEED) -> Manifes
                 rows.append(Row(name, rel, lab[0], lab[1], "", sha256_file(f), split))
     if not split_dirs:
         rows = _split_by_subject(rows, seed)  # no subjects: groups are content hashes
-    return _finish(rows, dropped)
+    return finish(rows, dropped)
 
 
 LOADERS: dict[str, Callable[..., Manifest]] = {
@@ -441,69 +295,41 @@ def load_dataset(name: str, root: Path, kind: str | None = None) -> Manifest:
 
 
 # ---------------------------------------------------------------------------
-# 3. Manifest files
-# ---------------------------------------------------------------------------
-
-def write_manifest(path: Path, rows: list[Row]) -> bool:
-    """Write rows sorted by path; returns True if the file changed."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in sorted(rows, key=lambda r: r.path):
-        w.writerow(r.as_csv())
-    return _write_if_changed(Path(path), buf.getvalue())
-
-
-def write_drops(path: Path, dropped: list[Drop]) -> bool:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(("path", "sha256", "split", "reason", "kept"))
-    for d in sorted(dropped, key=lambda d: (d.path, d.reason)):
-        w.writerow((d.path, d.sha256, d.split, d.reason, d.kept))
-    return _write_if_changed(Path(path), buf.getvalue())
-
-
-def _write_if_changed(path: Path, text: str) -> bool:
-    if path.is_file() and path.read_text() == text:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return True
-
-
-def read_manifest(path: Path) -> list[Row]:
-    with open(path, newline="") as fh:
-        return [Row(r["dataset"], r["path"], r["label"], r["contempt"] == "1", r["subject"],
-                    r["sha256"], r["split"]) for r in csv.DictReader(fh)]
-
-
-def label_index(row: Row) -> int:
-    """0..6 in EXPRESSIONS order, -1 for contempt / unlabeled."""
-    return EXPRESSIONS.index(row.label) if row.label else -1
-
-
-# ---------------------------------------------------------------------------
 # 4. Reading the pixels back
 # ---------------------------------------------------------------------------
 
 class ImageReader:
-    """RGB uint8 images of manifest paths under a dataset root (CSV rows included)."""
+    """RGB uint8 images of manifest paths under a dataset root (CSV rows included).
+
+    `read(paths)` reads a FER2013-style CSV once for all its rows in `paths`,
+    keeping only those rows' pixels (the file holds ~35k images as text)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self._csv: dict[str, list[str]] = {}
 
     def __call__(self, path: str) -> np.ndarray:
-        if "#" in path:
-            file, row = path.rsplit("#", 1)
-            if file not in self._csv:
-                csv_path = self.root if self.root.is_file() else self.root / file
-                with open(csv_path, newline="") as fh:
-                    self._csv[file] = [r["pixels"] for r in csv.DictReader(fh)]
-            grey = np.array(self._csv[file][int(row)].split(), dtype=np.uint8)
-            side = int(round(len(grey) ** 0.5))
-            return np.repeat(grey.reshape(side, side)[:, :, None], 3, axis=2)
-        from model.face import load_image
-        return load_image(self.root / path)
+        return self.read([path])[0]
+
+    def read(self, paths: list[str]) -> list[np.ndarray]:
+        rows: dict[str, dict[int, str]] = {}
+        for path in paths:
+            if "#" in path:
+                file, row = path.rsplit("#", 1)
+                rows.setdefault(file, {})[int(row)] = ""
+        for file, wanted in rows.items():  # one pass over each CSV
+            csv_path = self.root if self.root.is_file() else self.root / file
+            with open(csv_path, newline="") as fh:
+                for i, rec in enumerate(csv.DictReader(fh)):
+                    if i in wanted:
+                        wanted[i] = rec["pixels"]
+            missing = [i for i, pixels in wanted.items() if not pixels]
+            if missing:
+                raise IndexError(f"{csv_path.name}: no row {missing[0]}")
+        return [self._csv_image(rows[p.rsplit("#", 1)[0]][int(p.rsplit("#", 1)[1])]) if "#" in p
+                else load_image(self.root / p) for p in paths]
+
+    @staticmethod
+    def _csv_image(pixels: str) -> np.ndarray:
+        grey = np.array(pixels.split(), dtype=np.uint8)
+        side = int(round(len(grey) ** 0.5))
+        return np.repeat(grey.reshape(side, side)[:, :, None], 3, axis=2)

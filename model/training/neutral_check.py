@@ -37,11 +37,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import face as facelib
-from model.identity import IDENTITY_THRESHOLD
+from model import faces as facelib
+from model.images import load_image
+from model.faces.identity import IDENTITY_THRESHOLD
 from model.inference import Analyzer, residue_heatmap
 from model.labels import EXPRESSIONS, NEUTRAL
-from model.networks import IPDFER
+from model.nets.networks import IPDFER
 
 MANIFEST = Path(__file__).resolve().parent / "manifests" / "muxspace.csv"
 BLUR_SIGMA = 2.0   # the blurred-input control
@@ -95,7 +96,7 @@ def neutral_photo_check(analyzer: Analyzer, judge: IPDFER, root: Path, manifest:
     renders: dict[str, np.ndarray] = {}    # expressive path -> neutral render (uint8)
     for person, v in people.items():
         paths = v["neutral"] + v["expressive"]
-        images = [facelib.load_image(root / p) for p in paths]
+        images = [load_image(root / p) for p in paths]
         want = [p in v["expressive"] for p in paths]
         results = analyzer.analyze(images, aligned=[False] * len(paths), max_faces=[1] * len(paths),
                                    neutral=want)

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from model import face as facelib
+from model.faces.detect import FaceDetector
+from model.images import ImageError, load_image
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,14 +17,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    detector = facelib.FaceDetector(device=args.device, min_score=args.min_score)
+    detector = FaceDetector(device=args.device, min_score=args.min_score)
     failed = 0
     for path in args.images:
         try:
-            image = facelib.load_image(path)
+            image = load_image(path)
             faces = [d.to_dict() for d in detector.detect([image])[0]]
             record = {"file": str(path), "width": image.shape[1], "height": image.shape[0], "faces": faces}
-        except (facelib.ImageError, OSError) as exc:
+        except (ImageError, OSError) as exc:
             failed += 1
             record = {"file": str(path), "error": str(exc)}
         print(json.dumps(record), flush=True)

@@ -17,10 +17,10 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from model import data as datalib
-from model import face as facelib
+from model.data import datasets as datalib
+from model import faces as facelib
 from model.labels import EXPRESSIONS, NEUTRAL
-from model.networks import IPDFER
+from model.nets.networks import IPDFER
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
 
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="evaluate at most N faces per split")
     p.add_argument("--neutral-photos", type=Path, metavar="MUXSPACE_DIR",
                    help="also judge neutral renders of real photos against the same people's real neutral "
-                        "photos (the muxspace folder; needs --reference as the judge): model/neutral_check.py")
+                        "photos (the muxspace folder; needs --reference as the judge): model/training/neutral_check.py")
 
 
 def labeled_subset(labels: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
@@ -166,8 +166,8 @@ def probes(model: IPDFER, cache_dir: Path | None, limit: int | None) -> dict:
 def neutral_render_checks(model: IPDFER, judge: IPDFER, idloss, faces: datalib.FaceSet, idx: np.ndarray) -> dict:
     """Neutral renders of expressive faces: share the separately trained judge
     calls neutral, and share within dlib distance 0.6 of the input face
-    (`idloss`: a model.losses.IdentityLoss, for its chips and frozen dlib network)."""
-    from model.identity import IDENTITY_THRESHOLD
+    (`idloss`: a model.nets.losses.IdentityLoss, for its chips and frozen dlib network)."""
+    from model.faces.identity import IDENTITY_THRESHOLD
     neutral_votes, close, impostor, rank1, judge_feats = [], [], [], [], []
     for s in range(0, len(idx), 64):
         b = idx[s:s + 64]
@@ -206,8 +206,8 @@ def run(args: argparse.Namespace) -> int:
                     "splits": {}}
     judge = idloss = None
     if args.reference:  # loaded once, used on every split
-        from model.identity import load_identity_encoder
-        from model.losses import IdentityLoss
+        from model.faces.identity import load_identity_encoder
+        from model.nets.losses import IdentityLoss
         judge = load_weights(args.reference).model.eval()
         idloss = IdentityLoss(load_identity_encoder(), model.cfg.image_size)
     for name in args.split or ["fer2013:test", "ckplus:test"]:
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         if judge is None:
             raise SystemExit("--neutral-photos needs --reference (the judge of neutral renders)")
         from model.inference import Analyzer
-        from model.neutral_check import neutral_photo_check
+        from model.training.neutral_check import neutral_photo_check
         report["neutral_photos"] = neutral_photo_check(Analyzer(loaded, device="cpu"), judge, args.neutral_photos,
                                                        out=args.out)
     if args.probes:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.evaluate import to_input
+from model.training.evaluate import to_input
 from model.labels import EXPRESSIONS
-from model.networks import IPDFER
+from model.nets.networks import IPDFER
 
 TAUS = tuple(np.round(np.arange(0.0, 1.51, 0.1), 2))
 

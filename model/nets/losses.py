@@ -9,10 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from model import face as facelib
+from model import faces as facelib
 from model.config import LossWeights
 from model.labels import NEUTRAL
-from model.networks import IPDFER
+from model.nets.networks import IPDFER
 
 
 def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.data import FaceSet
+from model.data.datasets import FaceSet
 
 
 class DeviceBatches:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig, TrainConfig, from_dict
-from model.networks import IPDFER
+from model.nets.networks import IPDFER
 from model.weights import DEFAULT_WEIGHTS_DIR, save_weights
 
 
@@ -21,8 +21,9 @@ def split_hashes(names: list[str]) -> dict[str, dict]:
     """sha256 of each "dataset:split"'s rows in the committed manifest (path,
     label, subject, image sha256, split), so a manifest says exactly which
     images trained and tested the weights. Unknown data sets are skipped."""
-    from model import datasets as ds
-    from model.prepare import MANIFEST_DIR, manifest_digest, ordered
+    from model.data import manifests as mf
+    from model.data.manifests import manifest_digest, ordered
+    from model.paths import MANIFEST_DIR
     out, manifests = {}, {}
     for name in dict.fromkeys(names):
         dataset, split = name.split(":")
@@ -30,7 +31,7 @@ def split_hashes(names: list[str]) -> dict[str, dict]:
         if not path.is_file():
             continue
         if dataset not in manifests:  # each manifest read and hashed once
-            rows = ordered(ds.read_manifest(path))
+            rows = ordered(mf.read_manifest(path))
             manifests[dataset] = rows, manifest_digest(rows)
         rows, digest = manifests[dataset]
         part = [r for r in rows if split == "all" or r.split == split]
@@ -41,8 +42,8 @@ def split_hashes(names: list[str]) -> dict[str, dict]:
 def logit_adjust(model: IPDFER, cfg: TrainConfig, val_split: str, cache_dir: Path | None) -> dict:
     import numpy as np
 
-    from model import calibrate
-    from model import data as datalib
+    from model.training import calibrate
+    from model.data import datasets as datalib
     size = cfg.model.image_size
     train_labels = np.concatenate([datalib.load_split(*s.split(":"), size=size, cache_dir=cache_dir).labels
                                    for s in cfg.train_sets])
@@ -59,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", type=Path, help="metrics.json from ipdfer evaluate to record")
     p.add_argument("--logit-adjust", metavar="DATASET:SPLIT",
                    help="fit post-hoc logit adjustment on this validation split (e.g. fer2013:val) "
-                        "against the prior of the checkpoint's training sets; see model/calibrate.py")
+                        "against the prior of the checkpoint's training sets; see model/training/calibrate.py")
     p.add_argument("--data-cache", type=Path, help="prepared data cache (for --logit-adjust)")
     p.add_argument("--source", choices=("ema", "model"), default="ema",
                    help="which weights of the checkpoint to ship: the EMA copy (default) or the raw model")

@@ -3,7 +3,10 @@
 
 Each step has two phases (StyleGAN-style): G (encoders, heads, decoder, residue
 head) then D (discriminator). Checkpoints every `checkpoint_every` steps hold
-everything needed to resume mid-epoch; re-running the same command resumes."""
+everything needed to resume mid-epoch; re-running the same command resumes.
+
+Long module: the training loop stays in one file (nanoGPT's way), so a step reads
+top to bottom: setup, the G phase, the D phase, EMA, logging, checkpoints."""
 from __future__ import annotations
 
 import argparse
@@ -26,9 +29,9 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from model.config import ConfigError, TrainConfig, load_train_config, to_dict
-from model.data import cache_root
-from model.losses import GeneratorObjective, IdentityLoss, hinge_d_loss
-from model.networks import IPDFER, Discriminator
+from model.paths import cache_root
+from model.nets.losses import GeneratorObjective, IdentityLoss, hinge_d_loss
+from model.nets.networks import IPDFER, Discriminator
 
 DEFAULT_RUNS = cache_root() / "runs"
 
@@ -52,8 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="make batches on the training device or in DataLoader workers "
                         "(default: the config's data_on_device; unset = device on CUDA)")
     p.add_argument("--smoke", action="store_true",
-                   help="a few steps on a handful of real images from the data folder (--shared-dir; seconds; CI)")
-    p.add_argument("--shared-dir", type=Path, help="the shared data folder for --smoke")
+                   help="a few steps on a handful of real images from the data folder (--data-root; seconds; CI)")
+    p.add_argument("--data-root", "--shared-dir", type=Path, dest="data_root",
+                   help="datasets folder for --smoke (default: env IPDFER_DATA)")
     p.add_argument("--init", type=Path, metavar="WEIGHTS_DIR",
                    help="start a new run from exported weights (e.g. weights/) instead of random "
                         "initialisation; ignored when the run already has a checkpoint to resume")
@@ -203,9 +207,9 @@ def run(args: argparse.Namespace) -> int:
         (run_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     # 2. data ------------------------------------------------------------------
-    from model import data as datalib
+    from model.data import datasets as datalib
     if args.smoke:
-        train_set = datalib.smoke_dataset(cfg.model.image_size, args.shared_dir)
+        train_set = datalib.smoke_dataset(cfg.model.image_size, args.data_root)
         data_info = {"smoke": True}
     else:
         parts = [datalib.FaceDataset(datalib.load_split(*s.split(":"), size=cfg.model.image_size,
@@ -216,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     on_device = cfg.data_on_device if cfg.data_on_device is not None else cuda
     sampler = None
     if on_device:
-        from model.device_data import DeviceBatches
+        from model.data.device_data import DeviceBatches
         faces = [train_set.faces] if args.smoke else [p.faces for p in parts]
         loader = DeviceBatches(faces, cfg.batch_size, device, seed=cfg.seed, rank=rank, world_size=world)
     else:
@@ -256,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     ema = EMA(model, cfg.ema_decay)
     identity_loss = None
     if not cfg.ablation and cfg.loss.neutral_identity > 0:
-        from model.identity import load_identity_encoder
+        from model.faces.identity import load_identity_encoder
         identity_loss = IdentityLoss(load_identity_encoder(device=str(device)), cfg.model.image_size).to(device)
     objective = GeneratorObjective(cfg.loss, identity_loss, cfg.identity_subset)
     if cfg.freeze_encoders:
@@ -409,8 +413,8 @@ def run(args: argparse.Namespace) -> int:
 def validate(model: IPDFER, cfg: TrainConfig, device: torch.device, cache_dir: Path | None) -> dict:
     """Accuracy of the (EMA) expression classifier on each validation set, with
     flip TTA: the same encoding path as `ipdfer evaluate`."""
-    from model import data as datalib
-    from model.evaluate import encode_all, labeled_subset
+    from model.data import datasets as datalib
+    from model.training.evaluate import encode_all, labeled_subset
     model.eval()
     out = {}
     for name in cfg.val_sets:

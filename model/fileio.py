@@ -1,0 +1,39 @@
+"""Small file helpers every part of the project uses: content hashes and atomic
+writes (a reader never sees half a file, an interrupted run never leaves one)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object], suffix: str | None = None) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it over
+    `path`. `suffix` keeps the extension writers such as np.save/np.savez insist on."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{suffix if suffix is not None else path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
