@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -257,14 +258,17 @@ class FaceDetector:
         self.batch_pixels = batch_pixels  # MTCNN holds the batch as float32: ~12 B/pixel
         # work per image: candidates into MTCNN's 2nd / 3rd stage (model/mtcnn.py)
         self.max_candidates, self.max_refine = max_candidates, max_refine
+        self.last_seconds = 0.0
 
     def _detection_scale(self, h: int, w: int) -> float:
         up = self.upscale_factor if self.upscale_small and min(h, w) < self.small_side else 1.0
         return min(up, self.max_side / max(h, w))
 
     def detect(self, images: list[np.ndarray]) -> list[list[Detection]]:
-        """Faces per image, best score first; [] when there is none."""
+        """Faces per image, best score first; [] when there is none.
+        `last_seconds` is the time this call took (the service reports it)."""
         from model.mtcnn import detect_faces  # imports facenet-pytorch, like __init__
+        started = time.perf_counter()
         results: list[list[Detection]] = [[] for _ in images]
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         prepared: dict[int, np.ndarray] = {}
@@ -295,6 +299,7 @@ class FaceDetector:
                     found = detect_faces(batch, self.mtcnn, self.max_candidates, self.max_refine)
                 for i, (boxes, points) in zip(chunk, found):
                     results[i] = self._detections(boxes[:, :4], boxes[:, 4], points, *mappings[i])
+        self.last_seconds = time.perf_counter() - started
         return results
 
     def _detections(self, boxes: np.ndarray, probs: np.ndarray, points: np.ndarray,

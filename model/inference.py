@@ -108,7 +108,8 @@ class Analyzer:
         # `ipdfer evaluate` (the model card's figures); False halves E_exp's cost.
         self.flip_tta = flip_tta
         self._identity = None   # the dlib port loads on the first neutral request
-        self.last_timings: dict[str, float] = {}  # seconds spent by the last analyze()
+        # seconds spent by the last analyze(), per stage: detect, align, encode, render
+        self.last_timings: dict[str, float] = {}
         # Half precision on CUDA; CPU stays fp32 (fp16 is slower there).
         self._autocast = (torch.autocast("cuda", dtype=torch.float16)
                           if self.device.type == "cuda" else nullcontext())
@@ -181,21 +182,26 @@ class Analyzer:
         n = len(images)
         assert len(aligned) == len(max_faces) == len(neutral) == n
         t0 = time.perf_counter()
+        detect_s = 0.0
         faces: list[facelib.Faces | Exception] = [facelib.Faces() for _ in range(n)]
         for flag in (False, True):  # detection runs batched over the non-aligned images
             idx = [i for i in range(n) if aligned[i] == flag]
             if idx:
+                self.pipeline.detector.last_seconds = 0.0
                 for i, result in zip(idx, self._process([images[i] for i in idx], flag,
                                                         [max_faces[i] for i in idx])):
                     faces[i] = result
+                detect_s += self.pipeline.detector.last_seconds
         flat = [(i, f) for i, fs in enumerate(faces) if not isinstance(fs, Exception) for f in fs]
         results: list[facelib.Faces | Exception] = [
             fs if isinstance(fs, Exception) else facelib.Faces([], fs.detected) for fs in faces]
         t1 = time.perf_counter()
-        self.last_timings = {"detect_s": t1 - t0, "model_s": 0.0}
+        self.last_timings = {"detect_s": detect_s, "align_s": t1 - t0 - detect_s, "encode_s": 0.0,
+                             "render_s": 0.0}
         if not flat:
             return results
         enc = self._encode([f.aligned for _, f in flat])
+        t2 = time.perf_counter()
         probs = enc["probs"].cpu().numpy()
         poses = enc["pose"].cpu().numpy()
         states = [FaceState(f.aligned, f.chip, f.large) for _, f in flat]
@@ -216,7 +222,8 @@ class Analyzer:
                 label=EXPRESSIONS[top], confidence=round(float(probs[k, top]), 5),
                 pose={a: round(float(v), 2) for a, v in zip(("yaw", "pitch", "roll"), poses[k])},
                 state=states[k], neutral_png=renders.get(k)))
-        self.last_timings["model_s"] = time.perf_counter() - t1
+        self.last_timings["render_s"] = time.perf_counter() - t2  # with reading the results out
+        self.last_timings["encode_s"] = t2 - t1
         return results
 
     def _process(self, images: list[np.ndarray], aligned: bool, max_faces: list[int | None]

@@ -147,13 +147,12 @@ class Pipeline:
             ok.append(i)
         if not ok:
             return
-        t0 = time.perf_counter()
         results = self.analyzer.analyze(images, aligned=[jobs[i].aligned for i in ok],
                                         max_faces=[min(jobs[i].max_faces or self.max_faces, self.max_faces)
                                                    for i in ok],
                                         neutral=[jobs[i].neutral for i in ok])
-        batch_ms = (time.perf_counter() - t0) * 1000
-        detect_ms = getattr(self.analyzer, "last_timings", {}).get("detect_s", 0.0) * 1000
+        # the batch's time per stage: detect_ms, align_ms, encode_ms, render_ms
+        stages = {f"{k[:-2]}_ms": v * 1000 for k, v in getattr(self.analyzer, "last_timings", {}).items()}
         if len(results) != len(ok):
             raise RuntimeError(f"analyze returned {len(results)} results for {len(ok)} images")
         for i, img, res in zip(ok, images, results):
@@ -176,8 +175,8 @@ class Pipeline:
                 "image": {"width": round(img.shape[1] / scales[i][0]),
                           "height": round(img.shape[0] / scales[i][1])},
                 "model": self.info, "worker": self.worker, "batch_size": len(ok),
-                "timings": self._timings(jobs[i], started, decode_ms=decode_ms[i], detect_ms=detect_ms,
-                                         model_ms=max(0.0, batch_ms - detect_ms)),
+                "timings": self._timings(jobs[i], started, decode_ms=decode_ms[i], **stages,
+                                         model_ms=stages.get("encode_ms", 0.0) + stages.get("render_ms", 0.0)),
             }, states)
 
     def _render(self, jobs: list[Job], idx: list[int], kind: str, out: list, started: float) -> None:

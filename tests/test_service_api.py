@@ -124,7 +124,7 @@ def assert_valid_prediction(body: dict, width: int, height: int) -> None:
     PredictOut.model_validate(body)  # the documented response schema
     assert body["image"] == {"width": width, "height": height}
     assert body["model"]["sha256"] and body["model"]["name"]
-    for key in ("queue_ms", "decode_ms", "detect_ms", "model_ms", "total_ms"):
+    for key in ("queue_ms", "decode_ms", "detect_ms", "align_ms", "encode_ms", "render_ms", "model_ms", "total_ms"):
         assert body["timings"][key] >= 0
     for face in body["faces"]:
         probs = face["expression"]["probabilities"]
