@@ -94,7 +94,8 @@ class Pipeline:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         t0 = time.perf_counter()
-        analyzer = Analyzer.load(settings.weights_dir, settings.device, flip_tta=settings.flip_tta)
+        analyzer = Analyzer.load(settings.weights_dir, settings.device, flip_tta=settings.flip_tta,
+                                 precision=settings.precision)
         analyzer.warmup()
         log.info("model %s loaded and warmed up on %s in %.1f s", analyzer.info.get("sha256", "")[:12],
                  analyzer.info.get("device"), time.perf_counter() - t0)

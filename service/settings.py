@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -93,6 +94,9 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="torch device; unset: cuda if available else cpu.")
     flip_tta: bool = Field(True, description="Expression probabilities average the face and its mirror "
                                              "image (as the model card's figures); false halves E_exp's cost.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Numeric precision of the encoders: auto = fp16 autocast on CUDA, fp32 on the "
+                            "CPU; bf16 needs a CPU with native bf16 (AVX-512 BF16 / AMX), refused otherwise.")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the model "
                                       "(unset: torch's default).")
 
