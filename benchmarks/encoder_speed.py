@@ -1,7 +1,10 @@
 """Faces per second of the exported encoders (E_exp + E_pose, the per-request
-path) and of the neutral render (E_id + encoders + G; the editor renders render_size²), at batch 1 and 32.
+path, with the mirror-image pass the service runs by default) and of the neutral
+render (E_id + encoders + G; the editor renders render_size²), at batch 1 and 32,
+for each numeric precision in one run (ratios are comparable; absolute figures
+depend on what else the machine runs).
 
-    .venv/bin/python benchmarks/encoder_speed.py [--weights weights] [--device cpu]
+    .venv/bin/python benchmarks/encoder_speed.py [--weights weights] [--device cpu] [--precisions fp32,bf16]
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 import torch
 
 from model.faces.identity import load_identity_encoder
+from model.inference import autocast_for
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
 
@@ -30,22 +34,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+    ap.add_argument("--seconds", type=float, default=3.0, help="per figure")
     args = ap.parse_args()
-    model = load_weights(args.weights).model.to(args.device).eval()
+    device = torch.device(args.device)
+    model = load_weights(args.weights).model.to(device).eval()
     identity = load_identity_encoder(device=args.device)
     s = model.cfg.image_size
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, image {s}x{s}")
-    print(f"{'batch':>5} {'encoders faces/s':>17} {'neutral render faces/s':>23}")
-    for batch in (1, 32):
-        x = torch.randn(batch, 1, s, s, device=args.device)
-        chips = torch.rand(batch, 3, 150, 150, device=args.device) * 255
-        r = model.cfg.render_size if model.edits_input else s   # the editor renders a larger crop
-        large = torch.rand(batch, 1, r, r, device=args.device) * 2 - 1
-        with torch.inference_mode():
-            enc = lambda: model.encode(x)  # noqa: E731
-            render = lambda: model.render(identity(chips), model.encode(x)["pose_feat"],  # noqa: E731
-                                          face=x, target=large if model.edits_input else None)
-            print(f"{batch:>5} {rate(enc, batch):>17.1f} {rate(render, batch):>23.1f}")
+    print(f"{'precision':>9} {'batch':>5} {'encoders faces/s':>17} {'(no mirror pass)':>17} "
+          f"{'neutral render faces/s':>23}")
+    for precision in args.precisions.split(","):
+        for batch in (1, 32):
+            x = torch.randn(batch, 1, s, s, device=device)
+            chips = torch.rand(batch, 3, 150, 150, device=device) * 255
+            r = model.cfg.render_size if model.edits_input else s   # the editor renders a larger crop
+            large = torch.rand(batch, 1, r, r, device=device) * 2 - 1
+            with torch.inference_mode(), autocast_for(device, precision):
+                served = lambda: model.encode(x, flip_tta=True)  # noqa: E731
+                plain = lambda: model.encode(x)  # noqa: E731
+                render = lambda: model.render(identity(chips), model.encode(x)["pose_feat"],  # noqa: E731
+                                              face=x, target=large if model.edits_input else None)
+                print(f"{precision:>9} {batch:>5} {rate(served, batch, args.seconds):>17.1f} "
+                      f"{rate(plain, batch, args.seconds):>17.1f} {rate(render, batch, args.seconds):>23.1f}",
+                      flush=True)
 
 
 if __name__ == "__main__":

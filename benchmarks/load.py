@@ -144,6 +144,7 @@ async def level(url: str, images: list[bytes], clients: int, total: int) -> dict
     """`clients` closed-loop clients share `total` requests; returns the level's figures."""
     latencies: list[float] = []
     batch_sizes: list[int] = []
+    stages: dict[str, list[float]] = {k: [] for k in STAGES}
     errors: dict[int | str, int] = {}
     counter = iter(range(total))
 
@@ -158,7 +159,11 @@ async def level(url: str, images: list[bytes], clients: int, total: int) -> dict
                 status = type(e).__name__
             latencies.append(time.perf_counter() - t0)
             if status == 200:
-                batch_sizes.append(r.json().get("batch_size", 1))
+                body = r.json()
+                batch_sizes.append(body.get("batch_size", 1))
+                for k in STAGES:  # the batch's stages are shared by its requests
+                    share = 1 if k in PER_REQUEST else body.get("batch_size", 1)
+                    stages[k].append(body.get("timings", {}).get(f"{k}_ms", 0.0) / share)
             else:
                 errors[status] = errors.get(status, 0) + 1
 
@@ -172,7 +177,14 @@ async def level(url: str, images: list[bytes], clients: int, total: int) -> dict
     pct = lambda q: lat[min(len(lat) - 1, max(0, round(q * len(lat)) - 1))] * 1000  # noqa: E731
     return {"clients": clients, "requests": total, "ok": ok, "errors": errors, "seconds": round(elapsed, 2),
             "throughput_rps": round(ok / elapsed, 2), "p50_ms": round(pct(0.50), 1),
-            "p99_ms": round(pct(0.99), 1), "mean_batch": round(statistics.mean(batch_sizes), 2) if batch_sizes else 0}
+            "p99_ms": round(pct(0.99), 1), "mean_batch": round(statistics.mean(batch_sizes), 2) if batch_sizes else 0,
+            "stage_ms": {k: round(statistics.mean(v), 2) for k, v in stages.items() if v}}
+
+
+# Where a request's time goes, from the replies' timings: queue and decode are the
+# request's own, the model stages are its batch's divided by the batch size.
+STAGES = ("queue", "decode", "detect", "align", "encode", "render", "total")
+PER_REQUEST = ("queue", "decode", "total")
 
 
 def requests_for(clients: int, base: int) -> int:
@@ -188,6 +200,11 @@ def print_table(rows: list[dict]) -> None:
         err = f"  errors {r['errors']}" if r["errors"] else ""
         print(f"{r['config']:<22} {r['clients']:>7} {r['requests']:>5} {r['ok']:>5} {r['throughput_rps']:>8.2f} "
               f"{r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['mean_batch']:>6.2f}{err}")
+    print(f"\nper request, ms (model stages: the batch's time / batch size):")
+    print(f"{'config':<22} {'clients':>7} " + " ".join(f"{k:>8}" for k in STAGES))
+    for r in rows:
+        st = r.get("stage_ms", {})
+        print(f"{r['config']:<22} {r['clients']:>7} " + " ".join(f"{st.get(k, 0):>8.1f}" for k in STAGES))
     configs = list(dict.fromkeys(r["config"] for r in rows))
     if len(configs) >= 2:
         base = {r["clients"]: r for r in rows if r["config"] == configs[-1]}

@@ -11,6 +11,7 @@ to users); the service maps each type to an HTTP status at its edge.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from pathlib import Path
 
@@ -112,17 +113,57 @@ def load_image(data: bytes | str | Path, max_pixels: int = MAX_PIXELS,
     EXIF orientation is applied, and every mode ends up as 8-bit RGB: alpha is
     composited on white, 16-bit is scaled by 1/257. Raises an `ImageError` subclass.
     """
+    return load_image_scaled(data, max_pixels, max_bytes, max_side=None)[0]
+
+
+def load_image_scaled(data: bytes | str | Path, max_pixels: int = MAX_PIXELS,
+                      max_bytes: int = MAX_BYTES, max_side: int | None = None
+                      ) -> tuple[np.ndarray, tuple[float, float]]:
+    """`load_image`, decoded at most `max_side` pixels on its longer side.
+
+    Returns (RGB image, (sx, sy)): decoded pixels per original pixel along x and y
+    (1.0 when the image already fits). Memory follows max_side, not the upload: a
+    JPEG is decoded at 1/2, 1/4 or 1/8 scale inside the codec (draft mode), any
+    other format is reduced right after decoding, before the colour conversions
+    that copy it. Map a point back with `x_orig = (x + 0.5) / sx - 0.5`.
+    """
     im = _open(_read_bytes(data, max_bytes))
     with im:
         _check_header(im, max_pixels)
+        w, h = im.size
         try:
+            if max_side and max(w, h) > max_side and im.format in ("JPEG", "MPO"):
+                k = max_side / max(w, h)
+                im.draft(im.mode, (math.ceil(w * k), math.ceil(h * k)))  # codec picks scale >= this
             im.load()  # raises on truncated data while LOAD_TRUNCATED_IMAGES is False
-            upright = ImageOps.exif_transpose(im)
-            return _to_rgb(upright)
+            small = _reduce(im, max_side) if max_side else im
+            upright = ImageOps.exif_transpose(small)
+            sx, sy = small.size[0] / w, small.size[1] / h
+            if upright.size != small.size:  # a 90-degree EXIF turn swaps the axes
+                sx, sy = sy, sx
+            return _to_rgb(upright), (sx, sy)
         except MemoryError:
             raise
         except Exception as e:  # truncated / corrupt pixel data, whatever the codec says
             raise ImageDecodeError(f"the image data is truncated or corrupt: {e}") from e
+
+
+# Modes Image.reduce works on; others are converted (at full size) first.
+_REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "I", "F"})
+
+
+def _reduce(im: Image.Image, max_side: int) -> Image.Image:
+    """Box-filter `im` by the smallest integer factor that fits max_side."""
+    factor = math.ceil(max(im.size) / max_side)
+    if factor <= 1:
+        return im
+    if im.mode.startswith("I;16"):
+        im = im.convert("I")  # keeps the 16-bit range for _to_rgb's 1/257
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode not in _REDUCIBLE_MODES:
+        im = im.convert("RGBA" if im.mode in ("P", "PA") or "transparency" in im.info else "RGB")
+    return im.reduce(factor)
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

@@ -90,12 +90,36 @@ def residue_heatmap(face: np.ndarray, residue: np.ndarray) -> np.ndarray:
     return cv2.addWeighted(base, 0.5, heat, 0.5, 0)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """"auto": fp16 on CUDA, fp32 on the CPU (measured: benchmarks/encoder_speed.py)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError("bf16 asked for, but this CPU has no native bf16 (AVX-512 BF16 / AMX)")
+    return precision
+
+
+def autocast_for(device: torch.device | str, precision: str):
+    """The autocast context of a resolved precision (fp32: none)."""
+    device = torch.device(device)
+    if precision == "fp32":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype)
+
+
 class Analyzer:
     """Load once, call `analyze` on batches. Thread-compatible, not thread-safe:
     one batching loop owns an Analyzer."""
 
     def __init__(self, weights: LoadedWeights, device: str | None = None,
-                 pipeline: facelib.FacePipeline | None = None, flip_tta: bool = True):
+                 pipeline: facelib.FacePipeline | None = None, flip_tta: bool = True,
+                 precision: str = "auto"):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weights = weights
         self.model = weights.model.to(self.device).eval()
@@ -108,22 +132,22 @@ class Analyzer:
         # `ipdfer evaluate` (the model card's figures); False halves E_exp's cost.
         self.flip_tta = flip_tta
         self._identity = None   # the dlib port loads on the first neutral request
-        self.last_timings: dict[str, float] = {}  # seconds spent by the last analyze()
-        # Half precision on CUDA; CPU stays fp32 (fp16 is slower there).
-        self._autocast = (torch.autocast("cuda", dtype=torch.float16)
-                          if self.device.type == "cuda" else nullcontext())
+        # seconds spent by the last analyze(), per stage: detect, align, encode, render
+        self.last_timings: dict[str, float] = {}
+        self.precision = resolve_precision(self.device, precision)
+        self._autocast = autocast_for(self.device, self.precision)
 
     @classmethod
     def load(cls, weights_dir: Path | str | None = None, device: str | None = None,
-             flip_tta: bool = True) -> Analyzer:
+             flip_tta: bool = True, precision: str = "auto") -> Analyzer:
         return cls(load_weights(Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR), device,
-                   flip_tta=flip_tta)
+                   flip_tta=flip_tta, precision=precision)
 
     @property
     def info(self) -> dict:
         m = self.weights.manifest
         return {"name": m["name"], "version": m["version"], "sha256": m["sha256"],
-                "device": str(self.device), "image_size": self.image_size,
+                "device": str(self.device), "precision": self.precision, "image_size": self.image_size,
                 "trained": bool(m.get("trained", False))}
 
     @property
@@ -181,21 +205,26 @@ class Analyzer:
         n = len(images)
         assert len(aligned) == len(max_faces) == len(neutral) == n
         t0 = time.perf_counter()
+        detect_s = 0.0
         faces: list[facelib.Faces | Exception] = [facelib.Faces() for _ in range(n)]
         for flag in (False, True):  # detection runs batched over the non-aligned images
             idx = [i for i in range(n) if aligned[i] == flag]
             if idx:
+                self.pipeline.detector.last_seconds = 0.0
                 for i, result in zip(idx, self._process([images[i] for i in idx], flag,
                                                         [max_faces[i] for i in idx])):
                     faces[i] = result
+                detect_s += self.pipeline.detector.last_seconds
         flat = [(i, f) for i, fs in enumerate(faces) if not isinstance(fs, Exception) for f in fs]
         results: list[facelib.Faces | Exception] = [
             fs if isinstance(fs, Exception) else facelib.Faces([], fs.detected) for fs in faces]
         t1 = time.perf_counter()
-        self.last_timings = {"detect_s": t1 - t0, "model_s": 0.0}
+        self.last_timings = {"detect_s": detect_s, "align_s": t1 - t0 - detect_s, "encode_s": 0.0,
+                             "render_s": 0.0}
         if not flat:
             return results
         enc = self._encode([f.aligned for _, f in flat])
+        t2 = time.perf_counter()
         probs = enc["probs"].cpu().numpy()
         poses = enc["pose"].cpu().numpy()
         states = [FaceState(f.aligned, f.chip, f.large) for _, f in flat]
@@ -216,7 +245,8 @@ class Analyzer:
                 label=EXPRESSIONS[top], confidence=round(float(probs[k, top]), 5),
                 pose={a: round(float(v), 2) for a, v in zip(("yaw", "pitch", "roll"), poses[k])},
                 state=states[k], neutral_png=renders.get(k)))
-        self.last_timings["model_s"] = time.perf_counter() - t1
+        self.last_timings["render_s"] = time.perf_counter() - t2  # with reading the results out
+        self.last_timings["encode_s"] = t2 - t1
         return results
 
     def _process(self, images: list[np.ndarray], aligned: bool, max_faces: list[int | None]

@@ -48,7 +48,8 @@ class ApiMetrics:
         t = reply.get("timings", {})
         if "batch_size" in reply:
             self.batch_size.observe(reply["batch_size"])
-        self.model_seconds.observe((t.get("detect_ms", 0.0) + t.get("model_ms", 0.0)) / 1000)
+        self.model_seconds.observe((t.get("detect_ms", 0.0) + t.get("align_ms", 0.0)
+                                    + t.get("model_ms", 0.0)) / 1000)
         if "faces" in reply:
             self.faces.observe(len(reply["faces"]))
 

@@ -65,10 +65,11 @@ class Pipeline:
     one batching loop owns one Pipeline."""
 
     def __init__(self, analyzer: Any, *, max_pixels: int, max_bytes: int, min_side: int = 16,
-                 max_faces: int = 16, worker: str = "inprocess") -> None:
+                 max_faces: int = 16, decode_max_side: int | None = 2560, worker: str = "inprocess") -> None:
         self.analyzer = analyzer
         self.max_faces = max_faces  # server cap per image; a job may ask for fewer
         self.max_pixels = max_pixels
+        self.decode_max_side = decode_max_side  # larger uploads are decoded smaller (memory)
         self.max_bytes = max_bytes
         self.min_side = min_side
         self.worker = worker
@@ -83,12 +84,14 @@ class Pipeline:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         t0 = time.perf_counter()
-        analyzer = Analyzer.load(settings.weights_dir, settings.device, flip_tta=settings.flip_tta)
+        analyzer = Analyzer.load(settings.weights_dir, settings.device, flip_tta=settings.flip_tta,
+                                 precision=settings.precision)
         analyzer.warmup()
         log.info("model %s loaded and warmed up on %s in %.1f s", analyzer.info.get("sha256", "")[:12],
                  analyzer.info.get("device"), time.perf_counter() - t0)
         return cls(analyzer, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes,
-                   min_side=settings.min_image_side, max_faces=settings.max_faces, worker=worker)
+                   min_side=settings.min_image_side, max_faces=settings.max_faces,
+                   decode_max_side=settings.decode_max_side, worker=worker)
 
     def __call__(self, jobs: list[Job]) -> list[Outcome | Exception]:
         started = time.time()
@@ -113,14 +116,17 @@ class Pipeline:
         return {"queue_ms": round(queue_ms, 2), **{k: round(v, 2) for k, v in extra.items()}}
 
     def _analyze(self, jobs: list[Job], idx: list[int], out: list, started: float) -> None:
-        from model.images import check_min_side, load_image
+        from model.images import check_min_side, load_image_scaled
 
-        images, ok, decode_ms = [], [], {}
+        images, ok, decode_ms, scales = [], [], {}, {}
         for i in idx:
             t0 = time.perf_counter()
             try:
-                img = load_image(jobs[i].image, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
-                check_min_side(img.shape[1], img.shape[0], self.min_side)
+                img, scales[i] = load_image_scaled(jobs[i].image, max_pixels=self.max_pixels,
+                                                   max_bytes=self.max_bytes, max_side=self.decode_max_side)
+                # the upload's own size, not the decoded one (large uploads are decoded smaller)
+                check_min_side(round(img.shape[1] / scales[i][0]), round(img.shape[0] / scales[i][1]),
+                               self.min_side)
             except Exception as e:  # noqa: BLE001 - typed image errors are answers
                 status = image_error_status(e)
                 out[i] = Outcome(error_reply(status, str(e))) if status else e
@@ -130,13 +136,12 @@ class Pipeline:
             ok.append(i)
         if not ok:
             return
-        t0 = time.perf_counter()
         results = self.analyzer.analyze(images, aligned=[jobs[i].aligned for i in ok],
                                         max_faces=[min(jobs[i].max_faces or self.max_faces, self.max_faces)
                                                    for i in ok],
                                         neutral=[jobs[i].neutral for i in ok])
-        batch_ms = (time.perf_counter() - t0) * 1000
-        detect_ms = getattr(self.analyzer, "last_timings", {}).get("detect_s", 0.0) * 1000
+        # the batch's time per stage: detect_ms, align_ms, encode_ms, render_ms
+        stages = {f"{k[:-2]}_ms": v * 1000 for k, v in getattr(self.analyzer, "last_timings", {}).items()}
         if len(results) != len(ok):
             raise RuntimeError(f"analyze returned {len(results)} results for {len(ok)} images")
         for i, img, res in zip(ok, images, results):
@@ -146,7 +151,7 @@ class Pipeline:
                 continue
             faces, states = [], {}
             for pred in res:
-                face = pred.to_dict()  # box, landmarks, score, expression, pose
+                face = to_original_pixels(pred.to_dict(), *scales[i])  # box, landmarks, score, expression, pose
                 face_id = uuid.uuid4().hex
                 states[face_id] = pred.state.to_bytes()
                 face["face_id"] = face_id
@@ -156,10 +161,11 @@ class Pipeline:
             out[i] = Outcome({
                 "status": 200, "faces": faces,
                 "faces_skipped": max(0, getattr(res, "detected", len(faces)) - len(faces)),
-                "image": {"width": int(img.shape[1]), "height": int(img.shape[0])},
+                "image": {"width": round(img.shape[1] / scales[i][0]),
+                          "height": round(img.shape[0] / scales[i][1])},
                 "model": self.info, "worker": self.worker, "batch_size": len(ok),
-                "timings": self._timings(jobs[i], started, decode_ms=decode_ms[i], detect_ms=detect_ms,
-                                         model_ms=max(0.0, batch_ms - detect_ms)),
+                "timings": self._timings(jobs[i], started, decode_ms=decode_ms[i], **stages,
+                                         model_ms=stages.get("encode_ms", 0.0) + stages.get("render_ms", 0.0)),
             }, states)
 
     def _render(self, jobs: list[Job], idx: list[int], kind: str, out: list, started: float) -> None:
@@ -186,6 +192,20 @@ class Pipeline:
             out[i] = Outcome({"status": 200, "png": base64.b64encode(png).decode(), "kind": kind,
                               "model": self.info, "worker": self.worker, "batch_size": len(ok),
                               "timings": self._timings(jobs[i], started, model_ms=model_ms)})
+
+
+def to_original_pixels(face: dict[str, Any], sx: float, sy: float) -> dict[str, Any]:
+    """A face's box and landmarks from the decoded image's pixels back to the upload's
+    (a large upload is decoded smaller: see model.images.load_image_scaled)."""
+    if (sx, sy) == (1.0, 1.0):
+        return face
+    back = lambda v, s: round((v + 0.5) / s - 0.5, 2)  # noqa: E731 - pixel centres
+    if face.get("box"):
+        x1, y1, x2, y2 = face["box"]
+        face["box"] = [back(x1, sx), back(y1, sy), back(x2, sx), back(y2, sy)]
+    if face.get("landmarks"):
+        face["landmarks"] = [[back(x, sx), back(y, sy)] for x, y in face["landmarks"]]
+    return face
 
 
 def largest_face(faces: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -75,8 +75,11 @@ class ModelInfo(BaseModel):
 class Timings(BaseModel):
     queue_ms: float = Field(description="Waiting for a batch (queue + batch fill).")
     decode_ms: float = Field(0.0, description="Decoding the image in the worker.")
-    detect_ms: float = Field(0.0, description="Face detection + alignment of the whole batch.")
-    model_ms: float = Field(description="Encoders (and renders) of the whole batch.")
+    detect_ms: float = Field(0.0, description="Face detection (MTCNN) of the whole batch.")
+    align_ms: float = Field(0.0, description="Alignment and crops of the whole batch's faces.")
+    encode_ms: float = Field(0.0, description="Expression and pose encoders of the whole batch.")
+    render_ms: float = Field(0.0, description="Neutral renders (when asked) of the whole batch.")
+    model_ms: float = Field(description="Encoders and renders of the whole batch (encode_ms + render_ms).")
     total_ms: float = Field(description="Request received to answer ready, in the API.")
 
 

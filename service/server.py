@@ -248,5 +248,52 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=10,
-                timeout_keep_alive=5, limit_concurrency=settings.max_connections)
+                timeout_keep_alive=5, limit_concurrency=settings.max_connections,
+                http=header_deadline_protocol(settings.header_timeout_s))
     return 0
+
+
+def header_deadline_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline for a request's line and headers.
+
+    uvicorn times out idle keep-alive connections, but not one that sends its
+    headers a byte at a time, or never finishes them: enough of those hold every
+    slot of limit_concurrency. The deadline starts when the connection opens and
+    again after each response; a request whose headers are not complete by then
+    gets a bare 408 and the connection is closed. (The body has its own deadline,
+    body_timeout_s, in the app.)"""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11Protocol(H11Protocol):
+        _deadline = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            self._arm()  # before: the next (pipelined) request may start inside super()
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(timeout_s, self._expire)
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return  # closed, or its headers are in: the request is under way
+            if self.conn.trailing_data[0]:  # part of a request line / headers came
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
+                                     b"connection: close\r\n\r\n")
+            log.info("closing a connection whose request headers did not arrive within %g s", timeout_s)
+            self.transport.close()
+
+    return HeaderDeadlineH11Protocol

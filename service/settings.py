@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,10 +64,18 @@ class Settings(BaseSettings):
                                 "enforced while reading (413).")
     body_timeout_s: float = Field(30.0, gt=0, description="Longest a client may take to send its request "
                                   "body (408 after).")
+    header_timeout_s: float = Field(10.0, gt=0, description="`ipdfer serve`: longest a client may take "
+                                    "to send a request's line and headers, from connecting or from the previous "
+                                    "response (408 and closed after): slow clients cannot hold connections.")
     max_connections: int = Field(1000, ge=1, description="`ipdfer serve`: most concurrent connections "
                                  "and requests (503 beyond); idle keep-alive connections close after 5 s.")
     max_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height), checked "
                             "from the header before decoding (413).")
+    decode_max_side: int = Field(2560, ge=64, description="Uploads with a longer side are decoded "
+                                 "smaller (JPEG inside the codec, other formats right after decoding; boxes "
+                                 "and landmarks are still in the upload's pixels): memory per image stays "
+                                 "~20 MB whatever was sent. 2x the detector's 1280 px: the smallest face the "
+                                 "detector finds still spans >= 40 decoded pixels.")
     max_faces: int = Field(16, ge=1, le=64, description="Most faces analysed per image (best detections "
                            "first; the reply's faces_skipped counts the rest). A request's max_faces "
                            "can lower it, not raise it: one crowded photo cannot hold a batch for seconds.")
@@ -85,6 +94,9 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="torch device; unset: cuda if available else cpu.")
     flip_tta: bool = Field(True, description="Expression probabilities average the face and its mirror "
                                              "image (as the model card's figures); false halves E_exp's cost.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Numeric precision of the encoders: auto = fp16 autocast on CUDA, fp32 on the "
+                            "CPU; bf16 needs a CPU with native bf16 (AVX-512 BF16 / AMX), refused otherwise.")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the model "
                                       "(unset: torch's default).")
 

@@ -493,7 +493,7 @@ def test_dockerignore_keeps_the_context_small():
                  "model/__pycache__/face.cpython-311.pyc", ".pytest_cache/v", ".hypothesis/x", "benchmarks/load.py",
                  "ipdfer.egg-info/PKG-INFO", "docker/Dockerfile"):
         assert ignored(path), f"{path} would be sent to the Docker daemon"
-    for path in ("pyproject.toml", "constraints.txt", "README.md", "model/face.py", "service/static/index.html",
+    for path in ("pyproject.toml", "constraints.txt", "README.md", "model/faces/preprocess.py", "service/static/index.html",
                  "weights/manifest.json", "docker/healthcheck.py"):
         assert not ignored(path), path
 

@@ -1,4 +1,4 @@
-"""model/face.py on real images: decoding, detection, alignment, dlib chips, pipeline."""
+"""model/images.py and model/faces/ on real images: decoding, detection, alignment, dlib chips, pipeline."""
 from __future__ import annotations
 
 import io
@@ -519,3 +519,45 @@ def test_one_identity_path_for_preparation_and_serving(pipeline, astronaut):
         colour = encoder(torch.from_numpy(rgb).permute(2, 0, 1)[None].float())[0].numpy()
     assert np.abs(trained - served).max() < 1e-4
     assert np.linalg.norm(colour - served) > 0.01
+
+
+# -- detection work per image (model/faces/mtcnn.py) ---------------------------------------
+
+def _muxspace_batch(folder: Path, n: int) -> np.ndarray:
+    files = sorted(folder.glob("*.jpg"))[:n]
+    return np.stack([load_image(f) for f in files])
+
+
+def test_bounded_mtcnn_equals_facenet_pytorch_below_its_bounds(detector, muxspace, astronaut):
+    from model.faces.mtcnn import detect_faces
+    for batch in (_muxspace_batch(muxspace, 8), astronaut[None]):
+        with torch.inference_mode():
+            ours = detect_faces(batch, detector.mtcnn)
+            boxes, probs, points = detector.mtcnn.detect(batch, landmarks=True)
+        for (b, p), rb, rp, rpts in zip(ours, boxes, probs, points):
+            assert len(b) == (0 if rb is None else len(rb))
+            if len(b):
+                rb, rp, rpts = (np.asarray(a, float) for a in (rb, rp, rpts))
+                mine, ref = np.argsort(-b[:, 4]), np.argsort(-rp)
+                np.testing.assert_allclose(b[mine, :4], rb[ref], atol=1e-3)
+                np.testing.assert_allclose(b[mine, 4], rp[ref], atol=1e-5)
+                np.testing.assert_allclose(p[mine], rpts[ref], atol=1e-3)
+
+
+def test_a_photo_of_hundreds_of_faces_costs_a_bounded_detection(muxspace):
+    """A 1280x1280 photo tiled with 841 faces sent ~8,000 crops through MTCNN's second
+    network and ~3,800 through its third (about a minute on 2 cores); now each image
+    sends at most max_candidates and max_refine, and still finds faces."""
+    faces = [Image.fromarray(im).resize((44, 44), Image.LANCZOS) for im in _muxspace_batch(muxspace, 16)]
+    canvas = Image.new("RGB", (1276, 1276), (128, 128, 128))
+    for k in range(29 * 29):
+        canvas.paste(faces[k % len(faces)], ((k % 29) * 44, (k // 29) * 44))
+    detector = FaceDetector(max_candidates=400, max_refine=100)
+    seen = {"rnet": 0, "onet": 0}
+    for name in seen:
+        net = getattr(detector.mtcnn, name)
+        forward = net.forward
+        net.forward = lambda x, name=name, forward=forward: seen.__setitem__(name, seen[name] + len(x)) or forward(x)
+    found = detector.detect([np.asarray(canvas)])[0]
+    assert 0 < seen["rnet"] <= 400 and 0 < seen["onet"] <= 100, seen
+    assert 50 <= len(found) <= 100, len(found)

@@ -124,7 +124,7 @@ def assert_valid_prediction(body: dict, width: int, height: int) -> None:
     PredictOut.model_validate(body)  # the documented response schema
     assert body["image"] == {"width": width, "height": height}
     assert body["model"]["sha256"] and body["model"]["name"]
-    for key in ("queue_ms", "decode_ms", "detect_ms", "model_ms", "total_ms"):
+    for key in ("queue_ms", "decode_ms", "detect_ms", "align_ms", "encode_ms", "render_ms", "model_ms", "total_ms"):
         assert body["timings"][key] >= 0
     for face in body["faces"]:
         probs = face["expression"]["probabilities"]
@@ -550,3 +550,54 @@ def test_a_body_that_never_finishes_is_408_after_the_body_timeout(service_pipeli
 
     run(go())
     assert next(m["status"] for m in sent if m["type"] == "http.response.start") == 408
+
+
+def test_a_large_upload_is_decoded_smaller_and_answered_in_its_own_pixels(service_pipeline):
+    """A photo over decode_max_side is decoded smaller (memory), yet its boxes and
+    landmarks are those of the full-size photo, in the full-size photo's pixels."""
+    from service.pipeline import Job, Pipeline
+    big = np.array(Image.fromarray(astronaut()).resize((2048, 2048), Image.BICUBIC))
+    data = encode(big, "JPEG", quality=95)
+    capped = Pipeline(service_pipeline.analyzer, max_pixels=40_000_000, max_bytes=32 << 20,
+                      decode_max_side=1024)
+    full = Pipeline(service_pipeline.analyzer, max_pixels=40_000_000, max_bytes=32 << 20,
+                    decode_max_side=None)
+    small_reply, full_reply = (p([Job(image=data)])[0].reply for p in (capped, full))
+    assert small_reply["status"] == full_reply["status"] == 200
+    assert small_reply["image"] == full_reply["image"] == {"width": 2048, "height": 2048}
+    (a,), (b,) = small_reply["faces"], full_reply["faces"]
+    eye_distance = np.linalg.norm(np.subtract(*b["landmarks"][:2]))
+    assert eye_distance > 100  # the face is large: in 2048 px coordinates, not 1024
+    assert np.abs(np.subtract(a["landmarks"], b["landmarks"])).max() < 0.05 * eye_distance
+    assert np.abs(np.subtract(a["box"], b["box"])).max() < 0.1 * eye_distance
+
+
+DECODE_PEAK = """
+import resource, sys
+from PIL import Image
+import io
+buf = io.BytesIO(); Image.new("RGBA", (6000, 6000)).save(buf, format="PNG"); data = buf.getvalue()
+from service.pipeline import Pipeline, Job
+class NoFaces:  # decoding alone is measured: the analyzer finds nothing
+    info = {}
+    def analyze(self, images, **kw):
+        return [[] for _ in images]
+pipe = Pipeline(NoFaces(), max_pixels=40_000_000, max_bytes=32 << 20, decode_max_side=2560)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reply = pipe([Job(image=data)])[0].reply
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(reply["status"], reply["image"]["width"], peak // 1024)
+"""
+
+
+def test_a_pixel_bomb_within_the_limits_decodes_in_bounded_memory():
+    """A 155 KB all-zero 6000x6000 RGBA PNG (36 MP, under the 40 MP limit) used to
+    cost ~800 MB of peak memory to decode (full-size RGBA, composite, RGB copies)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", DECODE_PEAK], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    status, width, peak_mb = map(int, out.stdout.split())
+    assert (status, width) == (200, 6000)
+    assert peak_mb < 400, f"decoding raised peak memory by {peak_mb} MB"

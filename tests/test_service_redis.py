@@ -243,3 +243,46 @@ def test_redis_stopped_answers_503_fast_and_recovers(cluster, redis_server):
     cluster.wait_ready(1, timeout=30)
     r = httpx.post(f"{cluster.url}/predict", content=jpg, timeout=60)
     assert r.status_code == 200 and len(r.json()["faces"]) == 1
+
+
+def test_slow_clients_cannot_hold_connections(redis_server, tmp_path):
+    """`ipdfer serve` closes a connection whose request headers are not complete
+    within header_timeout_s (uvicorn alone keeps it open for ever), while a client
+    that sends its request in time is answered on the same kind of connection."""
+    import socket
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_server.url, "IPDFER_QUEUE_PREFIX": f"s{uuid.uuid4().hex[:8]}",
+           "IPDFER_HEADER_TIMEOUT_S": "1", "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "api.log", "ab")
+    api = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+                            "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert api.poll() is None, (tmp_path / "api.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the API did not start"
+                time.sleep(0.2)
+
+        def first_reply(payload: bytes, wait_s: float) -> tuple[bytes, float]:
+            with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+                t0 = time.monotonic()
+                sock.sendall(payload)
+                try:
+                    data = sock.recv(4096)
+                except socket.timeout:
+                    data = b"<still open>"
+                return data, time.monotonic() - t0
+
+        silent, t_silent = first_reply(b"", 6)
+        partial, t_partial = first_reply(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow:", 6)
+        assert silent == b"" and t_silent < 4, (silent, t_silent)          # closed, nothing said
+        assert partial.startswith(b"HTTP/1.1 408") and t_partial < 4, (partial, t_partial)
+        whole, _ = first_reply(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 6)
+        assert whole.startswith(b"HTTP/1.1 200"), whole
+    finally:
+        api.send_signal(signal.SIGTERM)
+        terminate(api)

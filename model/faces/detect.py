@@ -5,6 +5,7 @@ Coordinates: x right, y down, pixel centres at integer positions (OpenCV's
 convention)."""
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -13,7 +14,6 @@ import numpy as np
 import torch
 
 from model.faces.align import as_rgb
-
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: == on the array field would be ambiguous
@@ -38,7 +38,8 @@ class Detection:
 class FaceDetector:
     """MTCNN (facenet-pytorch, weights inside the package) behind a batched API.
 
-    Cost grows with pixels / min_face_size**2, so both are bounded: images are
+    Cost grows with pixels / min_face_size**2 and with the candidates per image, so all
+    are bounded (candidates: model/faces/mtcnn.py). Images are
     shrunk to `max_side` for detection, and small crops (FER2013's 48x48) are
     enlarged `upscale_factor` times first, because MTCNN rarely fires on them as is.
     A grey border of `pad_fraction` is added around every image: on tight face
@@ -52,7 +53,8 @@ class FaceDetector:
                  min_score: float = 0.9, max_side: int = 1280,
                  upscale_small: bool = True, small_side: int = 96,
                  upscale_factor: float = 3.0, pad_fraction: float = 0.1,
-                 batch_size: int = 16, batch_pixels: int = 8_000_000) -> None:
+                 batch_size: int = 16, batch_pixels: int = 8_000_000,
+                 max_candidates: int = 400, max_refine: int = 100) -> None:
         from facenet_pytorch import MTCNN  # imported here: decoding and alignment don't need it
 
         self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=min_face_size)
@@ -65,13 +67,19 @@ class FaceDetector:
         self.pad_fraction = pad_fraction
         self.batch_size = batch_size
         self.batch_pixels = batch_pixels  # MTCNN holds the batch as float32: ~12 B/pixel
+        # work per image: candidates into MTCNN's 2nd / 3rd stage (model/faces/mtcnn.py)
+        self.max_candidates, self.max_refine = max_candidates, max_refine
+        self.last_seconds = 0.0
 
     def _detection_scale(self, h: int, w: int) -> float:
         up = self.upscale_factor if self.upscale_small and min(h, w) < self.small_side else 1.0
         return min(up, self.max_side / max(h, w))
 
     def detect(self, images: list[np.ndarray]) -> list[list[Detection]]:
-        """Faces per image, best score first; [] when there is none."""
+        """Faces per image, best score first; [] when there is none.
+        `last_seconds` is the time this call took (the service reports it)."""
+        from model.faces.mtcnn import detect_faces  # imports facenet-pytorch, like __init__
+        started = time.perf_counter()
         results: list[list[Detection]] = [[] for _ in images]
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         prepared: dict[int, np.ndarray] = {}
@@ -98,10 +106,11 @@ class FaceDetector:
             for start in range(0, len(idx), per_batch):
                 chunk = idx[start:start + per_batch]
                 batch = np.stack([prepared[i] for i in chunk])
-                boxes, probs, points = self.mtcnn.detect(batch, landmarks=True)
-                for i, b, p, pts in zip(chunk, boxes, probs, points):
-                    if b is not None:
-                        results[i] = self._detections(b, p, pts, *mappings[i])
+                with torch.inference_mode():
+                    found = detect_faces(batch, self.mtcnn, self.max_candidates, self.max_refine)
+                for i, (boxes, points) in zip(chunk, found):
+                    results[i] = self._detections(boxes[:, :4], boxes[:, 4], points, *mappings[i])
+        self.last_seconds = time.perf_counter() - started
         return results
 
     def _detections(self, boxes: np.ndarray, probs: np.ndarray, points: np.ndarray,
