@@ -209,3 +209,20 @@ def test_a_lone_item_on_an_idle_loop_is_not_held_back():
     clock = FakeClock()
     batch = run(next_batch(source, BatchPolicy(max_batch_size=8, max_wait_s=1000.0), busy=False, clock=clock))
     assert batch == [1, 2, 3] and source.calls[1] == (6, 1000.0)
+
+
+def test_the_in_process_face_store_drops_expired_states_as_new_ones_come():
+    """Expired face states used to stay in memory until the count cap pushed them out
+    (10,000 by default): memory grew with every request for the first 10,000 faces."""
+    from service.backend import MemoryFaceStore
+    now = [0.0]
+    store = MemoryFaceStore(ttl_s=10, max_items=100, clock=lambda: now[0])
+    store.put_many({f"a{i}": b"x" * 1000 for i in range(50)})
+    now[0] = 5.0
+    store.put_many({"b": b"y"})
+    assert len(store) == 51 and store.get("a0") == b"x" * 1000
+    now[0] = 12.0  # the a's expired at 10, b expires at 15
+    store.put_many({"c": b"z"})
+    assert len(store) == 2 and store.get("b") == b"y" and store.get("a1") is None
+    store.put_many({f"d{i}": b"w" for i in range(150)})  # the count cap still holds
+    assert len(store) == 100 and store.get("b") is None and store.get("d149") == b"w"
