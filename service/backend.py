@@ -46,14 +46,19 @@ def _check(reply: dict[str, Any]) -> dict[str, Any]:
 
 
 class MemoryFaceStore:
-    """Face states for GET /neutralize in in-process mode: TTL + size bound (LRU)."""
+    """Face states for GET /neutralize in in-process mode: TTL + size bound. Expired
+    states are dropped as new ones come (the TTL is one for all, so insertion order is
+    expiry order): memory follows the recent request rate, not the cap alone."""
 
     def __init__(self, ttl_s: float, max_items: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s, self.max_items, self.clock = ttl_s, max_items, clock
         self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
     def put_many(self, states: dict[str, bytes]) -> None:
-        expires = self.clock() + self.ttl_s
+        now = self.clock()
+        while self._items and next(iter(self._items.values()))[0] < now:
+            self._items.popitem(last=False)
+        expires = now + self.ttl_s
         for face_id, state in states.items():
             self._items[face_id] = (expires, state)
             self._items.move_to_end(face_id)

@@ -224,3 +224,20 @@ def test_a_dead_lettered_reply_raises_the_typed_error():
     with _pytest.raises(JobError) as other:
         _check({"status": 500, "detail": "job dead-lettered: lookalike text"})
     assert not isinstance(other.value, DeadLettered)
+
+
+def test_the_in_process_face_store_drops_expired_states_as_new_ones_come():
+    """Expired face states used to stay in memory until the count cap pushed them out
+    (10,000 by default): memory grew with every request for the first 10,000 faces."""
+    from service.backend import MemoryFaceStore
+    now = [0.0]
+    store = MemoryFaceStore(ttl_s=10, max_items=100, clock=lambda: now[0])
+    store.put_many({f"a{i}": b"x" * 1000 for i in range(50)})
+    now[0] = 5.0
+    store.put_many({"b": b"y"})
+    assert len(store) == 51 and store.get("a0") == b"x" * 1000
+    now[0] = 12.0  # the a's expired at 10, b expires at 15
+    store.put_many({"c": b"z"})
+    assert len(store) == 2 and store.get("b") == b"y" and store.get("a1") is None
+    store.put_many({f"d{i}": b"w" for i in range(150)})  # the count cap still holds
+    assert len(store) == 100 and store.get("b") is None and store.get("d149") == b"w"
