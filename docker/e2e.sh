@@ -25,7 +25,8 @@
 #                                        proxy); default: /usr/local/share/ca-certificates/*.crt
 #   IPDFER_E2E_TORCH_INDEX_DIR=DIR       a PEP 503 tree (DIR/simple/<name>/) served over HTTP to the
 #                                        CPU build as TORCH_INDEX_URL, when download.pytorch.org is out
-#                                        of reach; IPDFER_E2E_TORCH_VARIANT (default +cpu) goes with it
+#                                        of reach (on port IPDFER_E2E_INDEX_PORT, 18731);
+#                                        IPDFER_E2E_TORCH_VARIANT (default +cpu) goes with it
 #   IPDFER_E2E_CUDA=1|0                  build ipdfer:cuda too (default 1; 0 is reported as skipped)
 #   IPDFER_E2E_PORT=18000                host port of the API
 #   PYTHON=...                           a Python with scikit-image + Pillow (the astronaut photo);
@@ -170,7 +171,7 @@ if [ -n "${IPDFER_E2E_TORCH_INDEX_DIR:-}" ]; then
     [ -d "$IPDFER_E2E_TORCH_INDEX_DIR/simple" ] || die "$IPDFER_E2E_TORCH_INDEX_DIR/simple: no such index"
     # Serve it where build containers reach the host: the default bridge's gateway.
     GW=$(docker network inspect bridge --format '{{(index .IPAM.Config 0).Gateway}}')
-    HTTP_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+    HTTP_PORT=${IPDFER_E2E_INDEX_PORT:-18731}  # fixed: the URL is a build argument, part of the layer cache key
     python3 -m http.server "$HTTP_PORT" --bind "$GW" --directory "$IPDFER_E2E_TORCH_INDEX_DIR" \
         > "$WORK/http.log" 2>&1 &
     HTTP_PID=$!
