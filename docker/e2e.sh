@@ -172,8 +172,9 @@ if [ -n "${IPDFER_E2E_TORCH_INDEX_DIR:-}" ]; then
     # Serve it where build containers reach the host: the default bridge's gateway.
     GW=$(docker network inspect bridge --format '{{(index .IPAM.Config 0).Gateway}}')
     HTTP_PORT=${IPDFER_E2E_INDEX_PORT:-18731}  # fixed: the URL is a build argument, part of the layer cache key
-    python3 -m http.server "$HTTP_PORT" --bind "$GW" --directory "$IPDFER_E2E_TORCH_INDEX_DIR" \
-        > "$WORK/http.log" 2>&1 &
+    # the interpreter itself, not a wrapper (pyenv shims fork): $! must be the server's pid
+    "$(python3 -c 'import sys; print(sys.executable)')" -m http.server "$HTTP_PORT" --bind "$GW" \
+        --directory "$IPDFER_E2E_TORCH_INDEX_DIR" > "$WORK/http.log" 2>&1 &
     HTTP_PID=$!
     sleep 1
     kill -0 "$HTTP_PID" || die "the index server did not start: $(cat "$WORK/http.log")"
