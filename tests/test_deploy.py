@@ -391,6 +391,24 @@ def test_multi_stage_with_a_pinned_python_base(dockerfile):
     assert any(i.cmd == "COPY" and i.flags.get("from") == stages[0].name for i in final.instructions)
 
 
+def test_base_image_is_a_build_argument_defaulting_to_the_real_one(dockerfile):
+    """docker/e2e.sh builds from a local stand-in where no registry is reachable; users
+    build from python:3.11-slim-bookworm. No `# syntax=` line: BuildKit would pull
+    docker/dockerfile from Docker Hub first, which fails offline (Docker 23+ has it built in)."""
+    name, path, global_args, stages = dockerfile
+    assert global_args["PYTHON_IMAGE"] == "python:3.11-slim-bookworm"
+    names = [s.name for s in stages]
+    raw_froms = [line.split()[1] for line in path.read_text().splitlines() if line.startswith("FROM ")]
+    assert all(f == "${PYTHON_IMAGE}" or f in names for f in raw_froms), raw_froms
+    assert not re.search(r"^#\s*syntax\s*=", path.read_text(), re.M | re.I), f"{name}: a # syntax= directive"
+
+
+def test_redis_image_is_overridable():
+    assert compose()["services"]["redis"]["image"] == "redis:7.4-alpine"
+    local = compose({"IPDFER_REDIS_IMAGE": "ipdfer-local/redis:7-bookworm"})["services"]["redis"]
+    assert local["image"] == "ipdfer-local/redis:7-bookworm"
+
+
 def test_runs_as_a_non_root_user(dockerfile):
     name, _, _, stages = dockerfile
     final = stages[-1].instructions
@@ -453,7 +471,11 @@ def test_pins_match_the_project(dockerfile):
         want = makefile_facenet if package == "facenet-pytorch" else pins[package]
         assert version.split("+")[0] == want, f"{name}: {package}=={version}, project pins {want}"
     if name == "cpu":
-        assert "download.pytorch.org/whl/cpu" in runs and "torch==2" in runs and "+cpu" in runs
+        # the CPU wheels by default; the index and the +cpu suffix are build arguments
+        args = dict(i.args.partition("=")[::2] for i in stages[0].all("ARG"))
+        assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu" and args["TORCH_VARIANT"] == "+cpu"
+        assert '--extra-index-url "${TORCH_INDEX_URL}"' in runs
+        assert '"torch==2.14.1${TORCH_VARIANT}"' in runs and '"torchvision==0.29.1${TORCH_VARIANT}"' in runs
         assert image_env(stages[-1]).get("IPDFER_DEVICE") == "cpu"
     else:  # PyPI's torch is the CUDA build
         assert "whl/cpu" not in runs and "IPDFER_DEVICE" not in image_env(stages[-1])
