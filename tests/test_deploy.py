@@ -606,3 +606,8 @@ def test_wheel_ships_the_web_page(tmp_path):
     assert {"index.html", "app.js", "style.css"} <= set(static)
     missing = [n for n in static if f"service/static/{n}" not in names]
     assert not missing, f"not in the wheel: {missing}"
+    # every module of the source tree is in the wheel (a folder without __init__.py is not)
+    modules = sorted(str(p.relative_to(ROOT)) for pkg in ("model", "service") for p in (ROOT / pkg).rglob("*.py")
+                     if "__pycache__" not in p.parts)
+    missing = [m for m in modules if m not in names]
+    assert not missing, f"modules not in the wheel: {missing}"
