@@ -4,17 +4,34 @@ residue energy in the expression regions, render speed), each with its control.
 The measure itself is model/training/neutral_check.py (also `ipdfer evaluate --neutral-photos`).
 
     .venv/bin/python benchmarks/neutral_render.py --judge weights/judge --out weights/report
+    .venv/bin/python benchmarks/neutral_render.py --judge weights/judge --edit-gain 1,0   # warp only
+
+`--edit-gain WARP,SHADE` is a diagnostic: it scales the editor's neutral edit
+(displacement field, shading field) before it is applied, to see which part of
+the edit each figure follows. The shipped model is 1,1.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import torch
+
 from model.inference import Analyzer
 from model.training.neutral_check import neutral_photo_check
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def scale_neutral_edit(editor: torch.nn.Module, warp: float, shade: float) -> None:
+    """Scale the neutral edit (no expression code) of this NeutralEditor instance."""
+    fields = editor.fields
+
+    def scaled(x, identity, pose, expression=None):
+        f = fields(x, identity, pose, expression)
+        return f if expression is not None else torch.cat([f[:, :2] * warp, f[:, 2:] * shade], dim=1)
+    editor.fields = scaled
 
 
 def main() -> None:
@@ -26,10 +43,19 @@ def main() -> None:
                     help="folder holding data/muxspace")
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", type=Path, help="write neutral_photos.json and a picture grid here")
+    ap.add_argument("--edit-gain", metavar="WARP,SHADE", help="diagnostic: scale the editor's neutral "
+                    "edit (displacement, shading), e.g. 1,0 = warp only; shipped: 1,1")
     args = ap.parse_args()
     judge = load_weights(args.judge)
     print(f"judge: {judge.manifest['name']} {judge.manifest['version']} ({args.judge})")
-    neutral_photo_check(Analyzer.load(args.weights, device="cpu"), judge.model.eval(),
+    analyzer = Analyzer.load(args.weights, device="cpu")
+    if args.edit_gain:
+        if not analyzer.model.edits_input:
+            raise SystemExit("--edit-gain needs weights with the editing renderer")
+        warp, shade = (float(v) for v in args.edit_gain.split(","))
+        scale_neutral_edit(analyzer.model.decoder, warp, shade)
+        print(f"neutral edit scaled: warp x{warp:g}, shading x{shade:g}")
+    neutral_photo_check(analyzer, judge.model.eval(),
                         args.shared / "data" / "muxspace", split=args.split, out=args.out)
 
 
