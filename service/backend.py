@@ -50,20 +50,26 @@ class MemoryFaceStore:
     states are dropped as new ones come (the TTL is one for all, so insertion order is
     expiry order): memory follows the recent request rate, not the cap alone."""
 
-    def __init__(self, ttl_s: float, max_items: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl_s, self.max_items, self.clock = ttl_s, max_items, clock
+    def __init__(self, ttl_s: float, max_items: int, max_bytes: int = 200 << 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self.max_items, self.max_bytes, self.clock = ttl_s, max_items, max_bytes, clock
         self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self.bytes = 0
+
+    def _drop_oldest(self) -> None:
+        self.bytes -= len(self._items.popitem(last=False)[1][1])
 
     def put_many(self, states: dict[str, bytes]) -> None:
         now = self.clock()
         while self._items and next(iter(self._items.values()))[0] < now:
-            self._items.popitem(last=False)
+            self._drop_oldest()
         expires = now + self.ttl_s
         for face_id, state in states.items():
+            old = self._items.pop(face_id, None)
+            self.bytes += len(state) - (len(old[1]) if old else 0)
             self._items[face_id] = (expires, state)
-            self._items.move_to_end(face_id)
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+        while self._items and (len(self._items) > self.max_items or self.bytes > self.max_bytes):
+            self._drop_oldest()
 
     def get(self, face_id: str) -> bytes | None:
         item = self._items.get(face_id)
@@ -71,6 +77,7 @@ class MemoryFaceStore:
             return None
         if item[0] < self.clock():
             del self._items[face_id]
+            self.bytes -= len(item[1])
             return None
         return item[1]
 
@@ -84,7 +91,7 @@ class InProcessBackend:
     def __init__(self, settings: Settings, *, pipelines: list[Callable[[list[Job]], list]] | None = None,
                  on_batch: Callable[[int, float], Any] | None = None) -> None:
         self.settings = settings
-        self.faces = MemoryFaceStore(settings.face_ttl_s, settings.face_cache_max)
+        self.faces = MemoryFaceStore(settings.face_ttl_s, settings.face_cache_max, settings.face_cache_max_bytes)
         self.batcher: InProcessBatcher[Job, Outcome] = InProcessBatcher(
             BatchPolicy(settings.max_batch_size, settings.max_wait_s),
             maxsize=settings.queue_maxlen, on_batch=on_batch)

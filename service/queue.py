@@ -12,7 +12,9 @@
     {p}:worker:{name}   that worker's info (JSON, model name/version/sha256/device), with TTL.
     {p}:face:{face_id}  a face's FaceState bytes for GET /neutralize, with TTL.
     {p}:faces           sorted set: face_id -> when stored (server ms); at most
-                        `face_store_max` faces are kept, the oldest dropped first.
+                        `face_store_max` faces and `face_store_max_bytes` of them are kept,
+                        the oldest dropped first.
+    {p}:face_sizes      hash: face_id -> bytes of its state; {p}:face_bytes their sum.
 
 Delivery: XREADGROUP (`>`) for new jobs; XAUTOCLAIM takes over jobs idle longer than
 the visibility timeout (their worker died or gave them back after an error). A job
@@ -105,22 +107,36 @@ return now
 
 
 _STORE_FACES = """
--- KEYS: faces zset. ARGV: key prefix, ttl s, max faces, then face_id, state pairs
+-- KEYS: faces zset (id -> stored ms), sizes hash (id -> bytes), total bytes counter.
+-- ARGV: key prefix, ttl s, max faces, max bytes, then face_id, state pairs.
+local function drop(id)
+  redis.call('DECRBY', KEYS[3], tonumber(redis.call('HGET', KEYS[2], id) or '0'))
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('DEL', ARGV[1] .. id)
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   redis.call('SET', ARGV[1] .. ARGV[i], ARGV[i + 1], 'EX', ttl)
   redis.call('ZADD', KEYS[1], now, ARGV[i])
+  redis.call('HSET', KEYS[2], ARGV[i], #ARGV[i + 1])
+  redis.call('INCRBY', KEYS[3], #ARGV[i + 1])
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl * 1000)  -- expired on their own
-local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[3])
-if over > 0 then
-  local popped = redis.call('ZPOPMIN', KEYS[1], over)  -- id, score, id, score, ...
-  for i = 1, #popped, 2 do redis.call('DEL', ARGV[1] .. popped[i]) end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl * 1000)) do
+  drop(id)  -- expired on their own: forget their bytes
 end
-redis.call('PEXPIRE', KEYS[1], ttl * 1000)
-return math.max(over, 0)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl * 1000)
+local dropped = 0
+while redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[3])
+      or tonumber(redis.call('GET', KEYS[3]) or '0') > tonumber(ARGV[4]) do
+  local popped = redis.call('ZPOPMIN', KEYS[1], 1)  -- the oldest
+  if #popped == 0 then break end
+  drop(popped[1])
+  dropped = dropped + 1
+end
+for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], ttl * 1000) end
+return dropped
 """
 
 
@@ -146,7 +162,8 @@ class RedisQueue:
     def __init__(self, url: str, *, prefix: str = "ipdfer", maxlen: int = 256,
                  result_ttl_s: int = 60, face_ttl_s: int = 600, visibility_timeout_s: float = 30.0,
                  max_attempts: int = 3, dead_letter_maxlen: int = 10_000,
-                 heartbeat_ttl_s: float = 6.0, face_store_max: int = 10_000) -> None:
+                 heartbeat_ttl_s: float = 6.0, face_store_max: int = 10_000,
+                 face_store_max_bytes: int = 200 << 20) -> None:
         self.client = connect(url, socket_timeout=2.0)
         self.blocking = connect(url, socket_timeout=None)
         self.prefix = prefix
@@ -154,6 +171,7 @@ class RedisQueue:
         self.result_ttl_s = result_ttl_s
         self.face_ttl_s = face_ttl_s
         self.face_store_max = face_store_max
+        self.face_store_max_bytes = face_store_max_bytes
         self.visibility_ms = int(visibility_timeout_s * 1000)
         self.max_attempts = max_attempts
         self.dead_letter_maxlen = dead_letter_maxlen
@@ -173,7 +191,8 @@ class RedisQueue:
         return cls(s.redis_url, prefix=s.queue_prefix, maxlen=s.queue_maxlen, result_ttl_s=s.result_ttl_s,
                    face_ttl_s=s.face_ttl_s, visibility_timeout_s=s.visibility_timeout_s,
                    max_attempts=s.max_attempts, dead_letter_maxlen=s.dead_letter_maxlen,
-                   heartbeat_ttl_s=s.heartbeat_ttl_s, face_store_max=s.face_cache_max)
+                   heartbeat_ttl_s=s.heartbeat_ttl_s, face_store_max=s.face_cache_max,
+                   face_store_max_bytes=s.face_cache_max_bytes)
 
     def _key(self, kind: str, ident: str) -> str:
         return f"{self.prefix}:{kind}:{ident}"
@@ -342,11 +361,13 @@ class RedisQueue:
 
     async def store_faces(self, faces: dict[str, bytes]) -> int:
         """Keep face states for GET /neutralize (TTL `face_ttl_s`); beyond
-        `face_store_max` faces the oldest are dropped. Returns how many were dropped."""
-        args: list = [self._key("face", ""), self.face_ttl_s, self.face_store_max]
+        `face_store_max` faces or `face_store_max_bytes` the oldest are dropped.
+        Returns how many were dropped."""
+        args: list = [self._key("face", ""), self.face_ttl_s, self.face_store_max, self.face_store_max_bytes]
         for face_id, state in faces.items():
             args += [face_id, state]
-        return int(await self._store_faces(keys=[f"{self.prefix}:faces"], args=args))
+        keys = [f"{self.prefix}:faces", f"{self.prefix}:face_sizes", f"{self.prefix}:face_bytes"]
+        return int(await self._store_faces(keys=keys, args=args))
 
     async def load_faces(self, face_ids: list[str]) -> dict[str, bytes]:
         if not face_ids:

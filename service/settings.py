@@ -45,8 +45,10 @@ class Settings(BaseSettings):
     face_ttl_s: int = Field(600, ge=1, description="How long a face of a /predict stays available "
                             "to GET /neutralize?face_id=... (404 after).")
     face_cache_max: int = Field(10_000, ge=1, description="Most faces kept for GET /neutralize, in "
-                                "process and in Redis alike (oldest dropped first; a face state is at most "
-                                "~43 KB, so 10,000 bound Redis to ~430 MB of them).")
+                                "process and in Redis alike (oldest dropped first).")
+    face_cache_max_mb: float = Field(200.0, gt=0, description="Most megabytes of face states kept for "
+                                     "GET /neutralize (a state is ~30 KB zlib'd), in process and in Redis alike "
+                                     "(oldest dropped first): with compose's 512 MB Redis, jobs keep room.")
     visibility_timeout_s: float = Field(10.0, gt=0, description="A job delivered to a worker and "
                                         "not acknowledged within this is reclaimed by another worker "
                                         "(XAUTOCLAIM). Must exceed the slowest batch and stay below "
@@ -117,6 +119,10 @@ class Settings(BaseSettings):
                              f"request_timeout_s ({self.request_timeout_s:g}): a crashed worker's jobs are "
                              "reclaimed after the visibility timeout, and their clients wait only the request timeout")
         return self
+
+    @property
+    def face_cache_max_bytes(self) -> int:
+        return int(self.face_cache_max_mb * (1 << 20))
 
     @property
     def max_wait_s(self) -> float:

@@ -241,3 +241,13 @@ def test_the_in_process_face_store_drops_expired_states_as_new_ones_come():
     assert len(store) == 2 and store.get("b") == b"y" and store.get("a1") is None
     store.put_many({f"d{i}": b"w" for i in range(150)})  # the count cap still holds
     assert len(store) == 100 and store.get("b") is None and store.get("d149") == b"w"
+
+
+def test_the_in_process_face_store_is_capped_in_bytes_too():
+    from service.backend import MemoryFaceStore
+    store = MemoryFaceStore(ttl_s=100, max_items=1000, max_bytes=10_000, clock=lambda: 0.0)
+    store.put_many({f"a{i}": b"x" * 3000 for i in range(3)})
+    assert len(store) == 3 and store.bytes == 9000
+    store.put_many({"b": b"y" * 5000})  # 14,000 bytes: the oldest go until it fits
+    assert store.get("a0") is None and store.get("a1") is None and store.get("b") == b"y" * 5000
+    assert len(store) == 2 and store.bytes == 8000

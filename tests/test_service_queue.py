@@ -253,3 +253,21 @@ def test_face_states_in_redis_are_capped_oldest_first(redis_server):
         finally:
             await q.close()
     asyncio.run(go())
+
+
+def test_face_states_in_redis_are_capped_in_bytes_too(redis_server):
+    s = settings_for(redis_server, face_cache_max=1000, face_cache_max_mb=10_000 / (1 << 20))
+
+    async def go():
+        q = RedisQueue.from_settings(s)
+        try:
+            assert await q.store_faces({f"a{i}": b"x" * 3000 for i in range(3)}) == 0
+            assert int(await q.client.get(f"{s.queue_prefix}:face_bytes")) == 9000
+            assert await q.store_faces({"b": b"y" * 5000}) == 2     # 14,000 bytes: the two oldest go
+            kept = await q.load_faces(["a0", "a1", "a2", "b"])
+            assert sorted(kept) == ["a2", "b"]
+            assert int(await q.client.get(f"{s.queue_prefix}:face_bytes")) == 8000
+            assert await q.client.hlen(f"{s.queue_prefix}:face_sizes") == 2
+        finally:
+            await q.close()
+    asyncio.run(go())
