@@ -108,10 +108,15 @@ class InProcessBackend:
 
     async def _load(self) -> None:
         from service.pipeline import Pipeline
+
+        def load_all() -> list:
+            import torch
+            device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            loops, threads = self.settings.inprocess_plan(cuda=device.startswith("cuda"))
+            log.info("in-process: %d batch loop(s), torch threads %s each", loops, threads or "default")
+            return [Pipeline.load(self.settings, worker=f"inprocess-{i}", threads=threads) for i in range(loops)]
         try:
-            pipes = await asyncio.to_thread(lambda: [
-                Pipeline.load(self.settings, worker=f"inprocess-{i}")
-                for i in range(self.settings.workers_inprocess)])
+            pipes = await asyncio.to_thread(load_all)
         except Exception as e:  # noqa: BLE001 - reported by /readyz and every request
             log.exception("loading the model failed")
             self.load_error = f"loading the model failed: {e}"

@@ -76,13 +76,14 @@ class Pipeline:
         self.info = dict(analyzer.info)
 
     @classmethod
-    def load(cls, settings: Any, worker: str = "inprocess") -> "Pipeline":
-        """Load weights once, apply thread settings, warm up (first request fast)."""
+    def load(cls, settings: Any, worker: str = "inprocess", threads: int | None = None) -> "Pipeline":
+        """Load weights once, apply thread settings (`threads`, else settings.torch_threads),
+        warm up (first request fast)."""
         import torch
         from model.inference import Analyzer
 
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        if threads or settings.torch_threads:
+            torch.set_num_threads(threads or settings.torch_threads)
         t0 = time.perf_counter()
         analyzer = Analyzer.load(settings.weights_dir, settings.device, flip_tta=settings.flip_tta,
                                  precision=settings.precision)
