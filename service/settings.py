@@ -98,8 +98,9 @@ class Settings(BaseSettings):
     flip_tta: bool = Field(True, description="Expression probabilities average the face and its mirror "
                                              "image (as the model card's figures); false halves E_exp's cost.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Numeric precision of the encoders: auto = fp16 autocast on CUDA, fp32 on the "
-                            "CPU; bf16 needs a CPU with native bf16 (AVX-512 BF16 / AMX), refused otherwise.")
+        "auto", description="Numeric precision of the encoders: auto = fp16 autocast on CUDA; on the CPU "
+                            "bf16 where it is native (AVX-512 BF16 / AMX), else fp32. bf16 asked for on a CPU "
+                            "without it is refused.")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the model. Unset: "
                                       "in process on the CPU, the cores divided among the batch loops (1 each on "
                                       "2 cores: measured ~2.5x faster for a lone client than 2 threads, whose "
