@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 from service.batching import BatchPolicy, InProcessBatcher
 from service.errors import DeadLettered, JobError, NoWorkers, ResultTimeout, Unavailable
-from service.pipeline import OP_ANALYZE, OP_RENDER, Job, Outcome
+from service.pipeline import OP_ANALYZE, OP_RENDER, Job, Outcome, job_cost
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ class InProcessBackend:
         self.settings = settings
         self.faces = MemoryFaceStore(settings.face_ttl_s, settings.face_cache_max, settings.face_cache_max_bytes)
         self.batcher: InProcessBatcher[Job, Outcome] = InProcessBatcher(
-            BatchPolicy(settings.max_batch_size, settings.max_wait_s),
+            BatchPolicy(settings.max_batch_size, settings.max_wait_s, cost=job_cost,
+                        alone_above=settings.batch_alone_pixels),
             maxsize=settings.queue_maxlen, on_batch=on_batch)
         self.pipelines = pipelines  # injected (tests) or loaded at start
         self.info: list[dict[str, Any]] = []

@@ -10,8 +10,11 @@ Shape of the loop (after Ray Serve's batching.py):
      found more than one job). A lone job reaching an idle loop runs at once:
      waiting would cost a lone client latency and buy nothing;
   3. drain whatever is already there without blocking (never more than the max);
-  4. run the batch function once; it must return one result per input, and an
-     Exception in a slot fails that job only.
+  4. run the batch function; it must return one result per input, and an
+     Exception in a slot fails that job only. With a cost function, items that
+     cost more than `alone_above` (a photo whose detection takes a second) run
+     after the rest of the batch, each in a call of its own, and the cheap items'
+     results go out first: one costly job never holds its batch mates.
 
 `next_batch` works on any `BatchSource`; `InProcessBatcher` is the asyncio-queue
 source + futures used by `ipdfer serve` without Redis; the Redis worker feeds
@@ -38,6 +41,8 @@ R = TypeVar("R")
 class BatchPolicy:
     max_batch_size: int = 16   # most items in one call of the batch function
     max_wait_s: float = 0.010  # longest the oldest item waits for the batch to fill
+    cost: Callable[[Any], float] | None = None  # an item's cost (e.g. pixels), for alone_above
+    alone_above: float = float("inf")           # items costing more run alone, after the rest
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -93,6 +98,16 @@ async def next_batch(
         batch.extend(await source.get(policy.max_batch_size - len(batch), 0))
     assert 1 <= len(batch) <= policy.max_batch_size, len(batch)
     return batch
+
+
+def split_by_cost(policy: BatchPolicy, items: list[T]) -> list[list[int]]:
+    """Indices of the calls to make for one batch: the cheap items together first,
+    then each item costing more than `policy.alone_above` on its own."""
+    if policy.cost is None:
+        return [list(range(len(items)))]
+    heavy = [i for i, item in enumerate(items) if policy.cost(item) > policy.alone_above]
+    light = sorted(set(range(len(items))) - set(heavy))
+    return ([light] if light else []) + [[i] for i in heavy]
 
 
 def call_batch(fn: Callable[[list[T]], Sequence[R | BaseException]], items: list[T]) -> list[R | BaseException]:
@@ -184,7 +199,6 @@ class InProcessBatcher(Generic[T, R]):
     async def _run(self, fn: Callable[[list[T]], Sequence[R | BaseException]],
                    pool: concurrent.futures.ThreadPoolExecutor) -> None:
         source: QueueSource[_Pending[T]] = QueueSource(self.queue)
-        loop = asyncio.get_running_loop()
         last_size = 0
         while True:
             batch = await next_batch(source, self.policy, arrival=lambda p: p.arrived, busy=last_size > 1)
@@ -192,23 +206,29 @@ class InProcessBatcher(Generic[T, R]):
             batch = [p for p in batch if not p.future.done()]  # client gone (timeout, disconnect)
             if not batch:
                 continue
-            t0 = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(pool, call_batch, fn, [p.item for p in batch])
-            except asyncio.CancelledError:
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(RuntimeError("service shutting down"))
-                raise
-            if self.on_batch:
-                self.on_batch(len(batch), time.perf_counter() - t0)
-            for p, r in zip(batch, results):
-                if p.future.done():
-                    continue
-                if isinstance(r, BaseException):
-                    p.future.set_exception(r)
-                else:
-                    p.future.set_result(r)
+            for part in split_by_cost(self.policy, [p.item for p in batch]):
+                await self._call(fn, pool, [batch[i] for i in part])
+
+    async def _call(self, fn: Callable[[list[T]], Sequence[R | BaseException]],
+                    pool: concurrent.futures.ThreadPoolExecutor, batch: list[_Pending[T]]) -> None:
+        t0 = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(pool, call_batch, fn,
+                                                                       [p.item for p in batch])
+        except asyncio.CancelledError:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(RuntimeError("service shutting down"))
+            raise
+        if self.on_batch:
+            self.on_batch(len(batch), time.perf_counter() - t0)
+        for p, r in zip(batch, results):
+            if p.future.done():
+                continue
+            if isinstance(r, BaseException):
+                p.future.set_exception(r)
+            else:
+                p.future.set_result(r)
 
     async def stop(self) -> None:
         """Cancel the loops (a batch in its thread finishes), fail what still waits."""

@@ -14,6 +14,7 @@ the caller retries it (Redis worker, then dead letter) or answers 500 (in-proces
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import time
 import uuid
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from service.images import image_error_status
 
@@ -54,6 +56,19 @@ class Job:
 class Outcome:
     reply: dict[str, Any]                                   # JSON-ready; "status" = HTTP status
     faces: dict[str, bytes] = field(default_factory=dict)   # face_id -> FaceState bytes to keep
+
+
+def job_cost(job: Job) -> float:
+    """Pixels of a photo to search for faces (header only); 0 for face crops, renders
+    and unreadable data. The batching loops run costly jobs alone (BatchPolicy)."""
+    if job.op != OP_ANALYZE or job.aligned:
+        return 0.0
+    try:
+        with Image.open(io.BytesIO(job.image)) as im:
+            width, height = im.size
+    except Exception:  # noqa: BLE001 - the decoder answers for bad data
+        return 0.0
+    return float(width * height)
 
 
 def error_reply(status: int, detail: str) -> dict[str, Any]:

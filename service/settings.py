@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most jobs in one model batch.")
     max_wait_ms: float = Field(10.0, ge=0, description="Longest a job waits for a batch to fill, "
                                "measured from the oldest job in the batch.")
+    batch_alone_pixels: int = Field(1_000_000, ge=1, description="A photo over this many pixels (its "
+                                    "detection alone takes ~0.1-1 s) runs in a model call of its own after the "
+                                    "rest of its batch, whose answers go out first.")
     workers_inprocess: int | None = Field(None, ge=1, le=16, description="In-process mode: model copies, "
                                           "each owned by its own batch loop and thread (an Analyzer is not "
                                           "thread-safe). Unset: 1 on CUDA, else one per CPU core up to 4.")

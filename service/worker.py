@@ -25,9 +25,9 @@ from typing import Any, Callable
 
 from redis.exceptions import RedisError
 
-from service.batching import BatchPolicy, call_batch, next_batch
+from service.batching import BatchPolicy, call_batch, next_batch, split_by_cost
 from service.metrics import WorkerMetrics
-from service.pipeline import OP_RENDER, Job, Outcome
+from service.pipeline import OP_RENDER, Job, Outcome, job_cost
 from service.queue import QueuedJob, RedisQueue
 from service.settings import Settings
 
@@ -52,7 +52,8 @@ class Worker:
         self.name = name
         self.info = {**info, "worker": name, "pid": os.getpid(), "max_batch_size": settings.max_batch_size}
         self.metrics = metrics or WorkerMetrics()
-        self.policy = BatchPolicy(settings.max_batch_size, settings.max_wait_s)
+        self.policy = BatchPolicy(settings.max_batch_size, settings.max_wait_s, cost=job_cost,
+                        alone_above=settings.batch_alone_pixels)
         self.stop = asyncio.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
         self.batches = 0
@@ -114,12 +115,14 @@ class Worker:
         face_ids = [j.meta["face_id"] for j in live if j.meta.get("op") == OP_RENDER and j.meta.get("face_id")]
         states = await self.queue.load_faces(face_ids)
         tasks = [Job.from_meta(j.meta, j.image, states.get(j.meta.get("face_id", ""))) for j in live]
-        t0 = time.perf_counter()
-        results = await asyncio.get_running_loop().run_in_executor(self._pool, call_batch, self.process, tasks)
-        self.metrics.batch_size.observe(len(live))
-        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
-        self.batches += 1
-        await asyncio.gather(*(self._finish(j, r) for j, r in zip(live, results)))
+        for part in split_by_cost(self.policy, tasks):  # costly photos alone, after the rest
+            t0 = time.perf_counter()
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._pool, call_batch, self.process, [tasks[i] for i in part])
+            self.metrics.batch_size.observe(len(part))
+            self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+            self.batches += 1
+            await asyncio.gather(*(self._finish(live[i], r) for i, r in zip(part, results)))
 
     async def _finish(self, job: QueuedJob, result: Outcome | BaseException) -> None:
         if isinstance(result, BaseException):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 
 import pytest
+from PIL import Image
 
 from service.batching import (
     BatchPolicy, BatchSizeMismatch, InProcessBatcher, QueueSource, call_batch, next_batch,
@@ -251,3 +253,39 @@ def test_the_in_process_face_store_is_capped_in_bytes_too():
     store.put_many({"b": b"y" * 5000})  # 14,000 bytes: the oldest go until it fits
     assert store.get("a0") is None and store.get("a1") is None and store.get("b") == b"y" * 5000
     assert len(store) == 2 and store.bytes == 8000
+
+
+def test_a_costly_item_runs_alone_after_its_batch_mates_are_answered():
+    """One photo whose detection takes seconds used to hold every job of its batch:
+    now the cheap jobs are called (and answered) first, the costly one alone after."""
+    calls: list[list[int]] = []
+    cheap_done_at_call: list[bool] = []
+    futs: dict[int, asyncio.Future] = {}
+
+    def fn(items):
+        calls.append(list(items))
+        cheap_done_at_call.append(all(futs[x].done() for x in (1, 2, 3)))
+        return items
+
+    async def go():
+        policy = BatchPolicy(max_batch_size=8, max_wait_s=0.0, cost=lambda x: x, alone_above=100)
+        b = InProcessBatcher(policy, maxsize=10)
+        futs.update({x: b.submit(x) for x in (1, 500, 2, 3, 900)})
+        b.start([fn])
+        results = await asyncio.gather(*futs.values())
+        await b.stop()
+        return results
+
+    assert run(go()) == [1, 500, 2, 3, 900]
+    assert calls == [[1, 2, 3], [500], [900]]
+    assert cheap_done_at_call == [False, True, True]   # answered before the costly calls ran
+
+
+def test_job_cost_is_the_pixels_of_a_photo_to_search():
+    from service.pipeline import OP_RENDER, Job, job_cost
+    buf = io.BytesIO()
+    Image.new("RGB", (1200, 900)).save(buf, format="JPEG")
+    assert job_cost(Job(image=buf.getvalue())) == 1200 * 900
+    assert job_cost(Job(image=buf.getvalue(), aligned=True)) == 0      # a face crop: no search
+    assert job_cost(Job(op=OP_RENDER, state=b"x")) == 0
+    assert job_cost(Job(image=b"not an image")) == 0
