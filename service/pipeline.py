@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from service.images import image_error_status
+from service.memory import HeapTrimmer
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,13 @@ class Pipeline:
     one batching loop owns one Pipeline."""
 
     def __init__(self, analyzer: Any, *, max_pixels: int, max_bytes: int, min_side: int = 16,
-                 max_faces: int = 16, decode_max_side: int | None = 2560, worker: str = "inprocess") -> None:
+                 max_faces: int = 16, decode_max_side: int | None = 2560, worker: str = "inprocess",
+                 heap_trim_s: float = 0.0) -> None:
         self.analyzer = analyzer
         self.max_faces = max_faces  # server cap per image; a job may ask for fewer
         self.max_pixels = max_pixels
         self.decode_max_side = decode_max_side  # larger uploads are decoded smaller (memory)
+        self.heap = HeapTrimmer(heap_trim_s)     # freed inference memory back to the system
         self.max_bytes = max_bytes
         self.min_side = min_side
         self.worker = worker
@@ -107,7 +110,8 @@ class Pipeline:
                  analyzer.info.get("device"), time.perf_counter() - t0)
         return cls(analyzer, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes,
                    min_side=settings.min_image_side, max_faces=settings.max_faces,
-                   decode_max_side=settings.decode_max_side, worker=worker)
+                   decode_max_side=settings.decode_max_side, worker=worker,
+                   heap_trim_s=settings.heap_trim_interval_s)
 
     def __call__(self, jobs: list[Job]) -> list[Outcome | Exception]:
         started = time.time()
@@ -125,6 +129,7 @@ class Pipeline:
         for i, j in enumerate(jobs):
             if out[i] is None:  # render of an unknown kind
                 out[i] = Outcome(error_reply(422, f"unknown render kind {j.kind!r}; use neutral or residue"))
+        self.heap.maybe_trim()
         return out  # type: ignore[return-value]
 
     def _timings(self, job: Job, started: float, **extra: float) -> dict[str, float]:

@@ -289,3 +289,18 @@ def test_job_cost_is_the_pixels_of_a_photo_to_search():
     assert job_cost(Job(image=buf.getvalue(), aligned=True)) == 0      # a face crop: no search
     assert job_cost(Job(op=OP_RENDER, state=b"x")) == 0
     assert job_cost(Job(image=b"not an image")) == 0
+
+
+def test_heap_trimmer_trims_at_most_once_per_interval():
+    from service.memory import HeapTrimmer, _glibc_trim
+    now, trims = [0.0], []
+    t = HeapTrimmer(10.0, trim=lambda pad: trims.append(pad) or 1, clock=lambda: now[0])
+    assert not t.maybe_trim()
+    now[0] = 10.5
+    assert t.maybe_trim() and trims == [0]
+    now[0] = 15.0
+    assert not t.maybe_trim()
+    now[0] = 21.0
+    assert t.maybe_trim() and len(trims) == 2
+    assert not HeapTrimmer(0.0, trim=lambda pad: trims.append(pad) or 1, clock=lambda: 99.0).maybe_trim()
+    assert _glibc_trim() is not None   # this machine's C library has it: the real trim is wired
