@@ -37,6 +37,14 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def face_store_mb(url: str) -> float:
+    """In-process face states kept for GET /neutralize (bounded by design), from /metrics."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("ipdfer_face_state_bytes "):
+            return float(line.split()[1]) / (1 << 20)
+    return 0.0
+
+
 def crowd_photo(images: list[bytes], side: int = 1280, tile: int = 44) -> bytes:
     """A JPEG tiled with (side // tile)^2 small faces, e.g. 29 x 29 = 841."""
     from PIL import Image
@@ -101,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                 n = min(args.block, args.requests - sent)
                 row = asyncio.run(level(svc.url, images, args.clients, n))
                 sent += n
-                reading = {"requests": sent, "rss_mb": round(rss_mb(pid), 1), "req_s": row["throughput_rps"],
+                reading = {"requests": sent, "rss_mb": round(rss_mb(pid), 1),
+                           "face_store_mb": round(face_store_mb(svc.url), 1), "req_s": row["throughput_rps"],
                            "p99_ms": row["p99_ms"], "errors": row["errors"]}
                 out["soak"].append(reading)
-                print(f"  {sent:>5} requests: RSS {reading['rss_mb']:.0f} MB, {row['throughput_rps']} req/s, "
+                print(f"  {sent:>5} requests: RSS {reading['rss_mb']:.0f} MB (face store {reading['face_store_mb']:.0f} MB), "
+                      f"{row['throughput_rps']} req/s, "
                       f"p99 {row['p99_ms']} ms {row['errors'] or ''}", file=sys.stderr, flush=True)
             base = asyncio.run(level(svc.url, images, args.clients, args.crowd_requests))
             beside, crowd_stats = asyncio.run(crowd(svc.url, images, photo, args.clients, args.crowd_requests))
@@ -116,10 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     growth = 100 * (last["rss_mb"] - warm["rss_mb"]) / warm["rss_mb"]
     errors = sum(sum(r["errors"].values()) for r in out["soak"])
     out["rss_growth_pct"] = round(growth, 2)
+    # the face store is bounded by design (IPDFER_FACE_CACHE_MAX[_MB], TTL): growth net of it
+    net = 100 * ((last["rss_mb"] - last["face_store_mb"]) - (warm["rss_mb"] - warm["face_store_mb"])) / warm["rss_mb"]
+    out["rss_growth_net_of_face_store_pct"] = round(net, 2)
     print(f"\nIPD-FER soak: in-process, device={out['device']}, {args.clients} clients, "
           f"{len(images)} one-face JPEGs")
     print(f"soak: {last['requests']} requests, {errors} errors; RSS after warm-up ({warm['requests']} requests) "
           f"{warm['rss_mb']:.0f} MB -> {last['rss_mb']:.0f} MB at the end: {growth:+.1f}%")
+    print(f"      of which face states kept for /neutralize (bounded by IPDFER_FACE_CACHE_MAX_MB): "
+          f"{warm['face_store_mb']:.0f} -> {last['face_store_mb']:.0f} MB; growth net of them {net:+.1f}%")
     print("      RSS by requests: " + ", ".join(f"{r['requests']}: {r['rss_mb']:.0f}" for r in out["soak"]))
     lr = crowd_stats["last_reply"] or {}
     print(f"crowd photo ({len(photo) // 1024} KB, 1280x1280, neutral=true): {crowd_stats['requests']} sent, "

@@ -225,4 +225,7 @@ async def metrics_endpoint(backend: BackendDep, metrics: MetricsDep) -> Response
     if stats.get("dead_letters") is not None:
         metrics.dead_letter_jobs.set(stats["dead_letters"])
     metrics.workers_ready.set(stats.get("workers") or 0)
+    if stats.get("face_state_bytes") is not None:  # in process (in Redis mode: Redis's own INFO)
+        metrics.face_states.set(stats["face_states"])
+        metrics.face_state_bytes.set(stats["face_state_bytes"])
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -167,7 +167,8 @@ class InProcessBackend:
 
     async def stats(self) -> dict[str, int | None]:
         return {"queue_depth": self.batcher.depth(), "dead_letters": None,
-                "workers": len(self.info) if self.batcher.running else 0}
+                "workers": len(self.info) if self.batcher.running else 0,
+                "face_states": len(self.faces), "face_state_bytes": self.faces.bytes}
 
 
 class RedisBackend:

@@ -35,6 +35,10 @@ class ApiMetrics:
         self.queue_depth = Gauge("ipdfer_queue_depth", "Jobs waiting or in flight", registry=r)
         self.workers_ready = Gauge("ipdfer_workers_ready", "Workers with a fresh heartbeat", registry=r)
         self.dead_letter_jobs = Gauge("ipdfer_dead_letter_jobs", "Jobs in the dead-letter stream", registry=r)
+        self.face_states = Gauge("ipdfer_face_states", "Face states kept for GET /neutralize (in process)",
+                                 registry=r)
+        self.face_state_bytes = Gauge("ipdfer_face_state_bytes", "Bytes of those face states (in process)",
+                                      registry=r)
         self.dead_lettered = Counter("ipdfer_dead_lettered", "Requests answered 500 after their job "
                                      "was dead-lettered", registry=r)
         self.batch_size = Histogram("ipdfer_batch_size", "Size of the model batch that served a request",
