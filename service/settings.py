@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         "auto", description="Numeric precision of the encoders: auto = fp16 autocast on CUDA; on the CPU "
                             "bf16 where it is native (AVX-512 BF16 / AMX), else fp32. bf16 asked for on a CPU "
                             "without it is refused.")
-    heap_trim_interval_s: float = Field(10.0, ge=0, description="After a batch, give freed heap memory "
+    heap_trim_interval_s: float = Field(2.0, ge=0, description="After a batch, give freed heap memory "
                                         "back to the system (glibc malloc_trim) at most this often per batch "
                                         "loop; 0: never. Without it RSS wanders ~30% above its start under "
                                         "varied traffic; a trim costs ~0.1-0.3 s.")
