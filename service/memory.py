@@ -6,7 +6,7 @@ after the first few frees: measured on the Analyzer over batches of 1..16 photos
 RSS rose 820 -> 1,090 MB and kept wandering; `malloc_trim(0)` every few batches
 held it at 865 MB. A trim costs ~0.1-0.3 s (the freed pages are faulted back in
 later), so it runs at most once per `interval_s` per batch loop (2 s by default: the soak benchmark
-held RSS growth net of the face store to +4.7% over 2,000 requests with it, +14% at 10 s). A fixed mmap
+held RSS growth net of the face store to +4.7% over 2,000 requests with it, ~+13% at 10 s). A fixed mmap
 threshold (MALLOC_MMAP_THRESHOLD_) held RSS as well but halved throughput.
 """
 from __future__ import annotations

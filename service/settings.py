@@ -106,7 +106,7 @@ class Settings(BaseSettings):
                             "without it is refused.")
     heap_trim_interval_s: float = Field(2.0, ge=0, description="After a batch, give freed heap memory "
                                         "back to the system (glibc malloc_trim) at most this often per batch "
-                                        "loop; 0: never. Without it RSS wanders ~30% above its start under "
+                                        "loop; 0: never. Without it RSS wandered 15-30% above its start under "
                                         "varied traffic; a trim costs ~0.1-0.3 s.")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the model. Unset: "
                                       "in process on the CPU, the cores divided among the batch loops (1 each on "
