@@ -89,9 +89,7 @@ def predict_files(pipeline: Any, files: list[Path], *, aligned: bool = False, ma
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in {"device": args.device, "weights_dir": args.weights_dir,
-                                   "max_batch_size": args.batch_size}.items() if v is not None}
-    settings = Settings(**overrides)
+    settings = Settings.from_args(args, ("device", "weights_dir"), max_batch_size="batch_size")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     pipeline = Pipeline.load(settings, worker="predict")
     ok, failed = predict_files(pipeline, list(args.images), aligned=args.aligned, max_faces=args.max_faces,

@@ -234,15 +234,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", help="debug, info, warning, error")
 
 
-def settings_from_args(args: argparse.Namespace, names: tuple[str, ...]) -> Settings:
-    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    return Settings(**overrides)
-
-
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    settings = settings_from_args(args, ("host", "port", "workers_inprocess", "redis_url",
+    settings = Settings.from_args(args, ("host", "port", "workers_inprocess", "redis_url",
                                          "max_batch_size", "max_wait_ms", "log_level"))
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -130,6 +130,13 @@ class Settings(BaseSettings):
                              f"request_timeout_s ({self.request_timeout_s:g}): a crashed worker's jobs are "
                              "reclaimed after the visibility timeout, and their clients wait only the request timeout")
         return self
+
+    @classmethod
+    def from_args(cls, args: Any, names: tuple[str, ...] = (), **renamed: str) -> "Settings":
+        """The environment's settings, overridden by the command-line options given:
+        `names` are options spelled like fields; `renamed` maps field=option."""
+        pairs = {**{n: n for n in names}, **renamed}
+        return cls(**{f: getattr(args, o) for f, o in pairs.items() if getattr(args, o, None) is not None})
 
     def inprocess_plan(self, cuda: bool) -> tuple[int, int | None]:
         """(batch loops, torch threads) of in-process mode: what is set, else one loop

@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
     names = ("redis_url", "worker_name", "max_batch_size", "max_wait_ms", "device", "torch_threads",
              "metrics_port", "log_level")
-    settings = Settings(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+    settings = Settings.from_args(args, names)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:

@@ -601,3 +601,11 @@ def test_a_pixel_bomb_within_the_limits_decodes_in_bounded_memory():
     status, width, peak_mb = map(int, out.stdout.split())
     assert (status, width) == (200, 6000)
     assert peak_mb < 400, f"decoding raised peak memory by {peak_mb} MB"
+
+
+def test_settings_from_command_line_options_override_only_what_was_given(monkeypatch):
+    import argparse
+    monkeypatch.setenv("IPDFER_MAX_WAIT_MS", "7")
+    args = argparse.Namespace(port=9001, redis_url=None, batch_size=4)
+    s = Settings.from_args(args, ("port", "redis_url"), max_batch_size="batch_size")
+    assert (s.port, s.redis_url, s.max_batch_size, s.max_wait_ms) == (9001, None, 4, 7.0)
