@@ -95,14 +95,17 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     """"auto": fp16 on CUDA; on the CPU bf16 where it computes bf16 natively (AVX-512
-    BF16 / AMX: encoders 2x faster at batch 32, FER2013 accuracy within 0.1 point,
-    benchmarks/precision_accuracy.py), else fp32."""
+    BF16 / AMX) and torch runs one thread, else fp32. Measured (benchmarks/
+    encoder_speed.py, precision_accuracy.py): one thread, bf16 encoders are 2x faster
+    at batch 32 and as fast at batch 1, FER2013 accuracy within 0.1 point; with two
+    threads bf16 at batch 1 was 4x *slower* than fp32 (14 vs 54 faces/s)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
-        return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        native = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return "bf16" if native and torch.get_num_threads() == 1 else "fp32"
     if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise ValueError("bf16 asked for, but this CPU has no native bf16 (AVX-512 BF16 / AMX)")
     return precision
