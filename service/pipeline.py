@@ -139,15 +139,15 @@ class Pipeline:
     def _analyze(self, jobs: list[Job], idx: list[int], out: list, started: float) -> None:
         from model.images import check_min_side, load_image_scaled
 
-        images, ok, decode_ms, scales = [], [], {}, {}
+        images, ok, decode_ms, scales, sizes = [], [], {}, {}, {}
         for i in idx:
             t0 = time.perf_counter()
             try:
                 img, scales[i] = load_image_scaled(jobs[i].image, max_pixels=self.max_pixels,
                                                    max_bytes=self.max_bytes, max_side=self.decode_max_side)
                 # the upload's own size, not the decoded one (large uploads are decoded smaller)
-                check_min_side(round(img.shape[1] / scales[i][0]), round(img.shape[0] / scales[i][1]),
-                               self.min_side)
+                sizes[i] = round(img.shape[1] / scales[i][0]), round(img.shape[0] / scales[i][1])
+                check_min_side(*sizes[i], self.min_side)
             except Exception as e:  # noqa: BLE001 - typed image errors are answers
                 status = image_error_status(e)
                 out[i] = Outcome(error_reply(status, str(e))) if status else e
@@ -165,7 +165,7 @@ class Pipeline:
         stages = {f"{k[:-2]}_ms": v * 1000 for k, v in getattr(self.analyzer, "last_timings", {}).items()}
         if len(results) != len(ok):
             raise RuntimeError(f"analyze returned {len(results)} results for {len(ok)} images")
-        for i, img, res in zip(ok, images, results):
+        for i, res in zip(ok, results):
             if isinstance(res, Exception):
                 status = image_error_status(res)
                 out[i] = Outcome(error_reply(status, str(res))) if status else res
@@ -182,8 +182,7 @@ class Pipeline:
             out[i] = Outcome({
                 "status": 200, "faces": faces,
                 "faces_skipped": max(0, getattr(res, "detected", len(faces)) - len(faces)),
-                "image": {"width": round(img.shape[1] / scales[i][0]),
-                          "height": round(img.shape[0] / scales[i][1])},
+                "image": {"width": sizes[i][0], "height": sizes[i][1]},
                 "model": self.info, "worker": self.worker, "batch_size": len(ok),
                 "timings": self._timings(jobs[i], started, decode_ms=decode_ms[i], **stages,
                                          model_ms=stages.get("encode_ms", 0.0) + stages.get("render_ms", 0.0)),
