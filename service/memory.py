@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import time
 from typing import Callable
-
-log = logging.getLogger(__name__)
 
 
 def _glibc_trim() -> Callable[[int], int] | None:
@@ -39,12 +36,10 @@ class HeapTrimmer:
         self.trim = trim if trim is not None else _glibc_trim()
         self.clock = clock
         self.last = clock()
-        self.count = 0
 
     def maybe_trim(self) -> bool:
         if not self.interval_s or self.trim is None or self.clock() - self.last < self.interval_s:
             return False
         self.trim(0)
         self.last = self.clock()
-        self.count += 1
         return True

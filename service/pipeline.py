@@ -14,7 +14,6 @@ the caller retries it (Redis worker, then dead letter) or answers 500 (in-proces
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import time
 import uuid
@@ -22,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from service.images import image_error_status
 from service.memory import HeapTrimmer
@@ -62,12 +60,12 @@ class Outcome:
 def job_cost(job: Job) -> float:
     """Pixels of a photo to search for faces (header only); 0 for face crops, renders
     and unreadable data. The batching loops run costly jobs alone (BatchPolicy)."""
+    from model.images import ImageError, probe
     if job.op != OP_ANALYZE or job.aligned:
         return 0.0
     try:
-        with Image.open(io.BytesIO(job.image)) as im:
-            width, height = im.size
-    except Exception:  # noqa: BLE001 - the decoder answers for bad data
+        _, width, height = probe(job.image)
+    except ImageError:  # the decoder answers for it, at its header check
         return 0.0
     return float(width * height)
 
