@@ -43,8 +43,9 @@ from model.faces.identity import IDENTITY_THRESHOLD
 from model.inference import Analyzer, residue_heatmap
 from model.labels import EXPRESSIONS, NEUTRAL
 from model.nets.networks import IPDFER
+from model.paths import MANIFEST_DIR
 
-MANIFEST = Path(__file__).resolve().parent / "manifests" / "muxspace.csv"
+MANIFEST = MANIFEST_DIR / "muxspace.csv"
 BLUR_SIGMA = 2.0   # the blurred-input control
 
 
