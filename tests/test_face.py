@@ -529,11 +529,16 @@ def _muxspace_batch(folder: Path, n: int) -> np.ndarray:
 
 
 def test_bounded_mtcnn_equals_facenet_pytorch_below_its_bounds(detector, muxspace, astronaut):
-    from model.faces.mtcnn import detect_faces
+    from facenet_pytorch import MTCNN
+
+    from model.faces.mtcnn import _ChannelsLastPool, detect_faces
+    # ours runs channels-last; the reference is facenet-pytorch's own, untouched
+    assert isinstance(detector.mtcnn.pnet.pool1, _ChannelsLastPool)
+    reference = MTCNN(keep_all=True, min_face_size=detector.min_face_size)
     for batch in (_muxspace_batch(muxspace, 8), astronaut[None]):
         with torch.inference_mode():
             ours = detect_faces(batch, detector.mtcnn)
-            boxes, probs, points = detector.mtcnn.detect(batch, landmarks=True)
+            boxes, probs, points = reference.detect(batch, landmarks=True)
         for (b, p), rb, rp, rpts in zip(ours, boxes, probs, points):
             assert len(b) == (0 if rb is None else len(rb))
             if len(b):

@@ -57,7 +57,10 @@ class FaceDetector:
                  max_candidates: int = 400, max_refine: int = 100) -> None:
         from facenet_pytorch import MTCNN  # imported here: decoding and alignment don't need it
 
+        from model.faces.mtcnn import channels_last
+
         self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=min_face_size)
+        channels_last(self.mtcnn)
         self.min_face_size = min_face_size
         self.min_score = min_score
         self.max_side = max_side

@@ -8,6 +8,10 @@ about a minute on 2 CPU cores. Here each image keeps only its best
 after the same non-maximum suppression), so a crowded photo costs about what a
 photo with that many faces costs. Below the bounds the result is facenet-pytorch's
 exactly: same networks, thresholds, crops and suppression (a test compares them).
+
+The networks run channels-last after their first layer (`channels_last`): this
+CPU build's max pooling is 3-10x slower on NCHW tensors, which made pooling 40%
+of a detection; a 224 px photo went from 44 to 30 ms on one thread.
 """
 from __future__ import annotations
 
@@ -16,6 +20,22 @@ import torch
 from facenet_pytorch.models.utils.detect_face import (
     batched_nms, batched_nms_numpy, bbreg, generateBoundingBox, imresample, pad, rerec,
 )
+
+
+class _ChannelsLastPool(torch.nn.MaxPool2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last))
+
+
+def channels_last(mtcnn) -> None:
+    """Switch MTCNN's three networks to channels-last at their first pooling
+    (P-Net's first PReLU has 10 channels and is faster NCHW; the layers after a
+    channels-last pooling keep its layout). Same weights, same results."""
+    for net in (mtcnn.pnet, mtcnn.rnet, mtcnn.onet):
+        old = net.pool1
+        if not isinstance(old, _ChannelsLastPool):
+            net.pool1 = _ChannelsLastPool(old.kernel_size, old.stride, old.padding, old.dilation,
+                                          old.return_indices, old.ceil_mode)
 
 
 def _best_per_image(scores: torch.Tensor, image_inds: torch.Tensor, k: int) -> torch.Tensor:
