@@ -4,6 +4,7 @@ encoder + decoder for neutral renders. The service and `ipdfer predict` use this
 module only; it knows nothing about HTTP or Redis."""
 from __future__ import annotations
 
+import copy
 import io
 import struct
 import time
@@ -19,6 +20,7 @@ from PIL import Image
 
 from model import faces as facelib
 from model.labels import EXPRESSIONS
+from model.nets.networks import IPDFER
 from model.weights import DEFAULT_WEIGHTS_DIR, LoadedWeights, load_weights
 
 
@@ -93,6 +95,23 @@ def residue_heatmap(face: np.ndarray, residue: np.ndarray) -> np.ndarray:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def inference_form(model: IPDFER) -> IPDFER:
+    """A serving copy of `model`: in E_exp and E_pose each BatchNorm is folded into
+    the convolution before it, and their weights are channels-last. Same outputs
+    (within 2e-6 in fp32); on this CPU, one thread, the served encoders (with the
+    mirror pass) went from 88 to 155 faces/s at batch 1 and 118 to 254 at batch 32.
+    The copy can't be trained (BatchNorm is gone); the renderer is left as it is."""
+    from torch.fx.experimental.optimization import fuse
+
+    model = copy.deepcopy(model).eval()
+    for encoder in (model.exp_encoder, model.pose_encoder):
+        for name, child in list(encoder.named_children()):
+            if isinstance(child, torch.nn.Sequential):   # symbolically traceable
+                setattr(encoder, name, fuse(child))
+        encoder.to(memory_format=torch.channels_last)
+    return model
+
+
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     """"auto": fp16 on CUDA; on the CPU bf16 where it computes bf16 natively (AVX-512
     BF16 / AMX) and torch runs one thread, else fp32. Measured (benchmarks/
@@ -129,7 +148,7 @@ class Analyzer:
                  precision: str = "auto"):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weights = weights
-        self.model = weights.model.to(self.device).eval()
+        self.model = inference_form(weights.model.to(self.device))
         self.image_size = weights.config.image_size
         # the editing renderer edits a larger crop of the face: served renders are render_size²
         self.render_size = weights.config.render_size if self.model.edits_input else 0

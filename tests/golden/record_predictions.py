@@ -1,0 +1,52 @@
+"""Re-record tests/golden/predictions.json from the current code, for an intended
+change only (say which in tests/test_golden.py's docstring and the commit):
+
+    .venv/bin/python -m tests.golden.record_predictions [--shared ../shared]
+
+Same images, same fields, same conditions as the test (fp32, one thread)."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.inference import Analyzer
+from tests.test_golden import GOLDEN, REPO, _images
+
+
+def record(weights: str, images: list[tuple[str, bool, str]], data: Path) -> dict:
+    analyzer = Analyzer.load(REPO / weights, device="cpu", precision="fp32")
+    arrays = [np.asarray(Image.open(data / rel).convert("RGB")) for _, _, rel in images]
+    results = analyzer.analyze(arrays, aligned=[a for _, a, _ in images], max_faces=[None] * len(images),
+                               neutral=[True] * len(images))
+    out = {}
+    for (key, _, _), faces in zip(images, results):
+        entries = []
+        for face in faces:
+            neutral = np.asarray(Image.open(io.BytesIO(face.neutral_png)).convert("L"), np.float32)
+            s = neutral.shape[0] // 8
+            entries.append({**face.to_dict(),
+                            "neutral_8x8": neutral.reshape(8, s, 8, s).mean((1, 3)).tolist()})
+        out[key] = {"detected": faces.detected, "faces": entries}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    golden = json.loads(GOLDEN.read_text())
+    for weights in ("weights", "weights/judge"):
+        golden[weights] = record(weights, _images(golden[weights]), args.shared / "data")
+    GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
+    print(f"wrote {GOLDEN}")
+
+
+if __name__ == "__main__":
+    main()
