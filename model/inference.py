@@ -113,18 +113,16 @@ def inference_form(model: IPDFER) -> IPDFER:
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """"auto": fp16 on CUDA; on the CPU bf16 where it computes bf16 natively (AVX-512
-    BF16 / AMX) and torch runs one thread, else fp32. Measured (benchmarks/
-    encoder_speed.py, precision_accuracy.py): one thread, bf16 encoders are 2x faster
-    at batch 32 and as fast at batch 1, FER2013 accuracy within 0.1 point; with two
-    threads bf16 at batch 1 was 4x *slower* than fp32 (14 vs 54 faces/s)."""
+    """"auto": fp16 on CUDA, fp32 on the CPU. bf16 is a switch for CPUs that compute
+    it natively (AVX-512 BF16 / AMX). Measured with the folded, channels-last
+    encoders (benchmarks/load.py, 2 loops x 1 thread): bf16 was slower for a lone
+    client (27 vs 30 req/s, encode 10.0 vs 8.3 ms) and 11% faster at 16 clients
+    (65 vs 59 req/s), and it moves probabilities by up to 0.04 (same top label for
+    99% of FER2013 test faces); fp32 serves exactly the evaluated model."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        if device.type == "cuda":
-            return "fp16"
-        native = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return "bf16" if native and torch.get_num_threads() == 1 else "fp32"
+        return "fp16" if device.type == "cuda" else "fp32"
     if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise ValueError("bf16 asked for, but this CPU has no native bf16 (AVX-512 BF16 / AMX)")
     return precision
