@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from model.faces.identity import load_identity_encoder
-from model.inference import autocast_for
+from model.inference import autocast_for, inference_form
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
 
@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="per figure")
     args = ap.parse_args()
     device = torch.device(args.device)
-    model = load_weights(args.weights).model.to(device).eval()
+    # the form the service runs: BatchNorm folded, channels-last encoders, joint mirror pass
+    model = inference_form(load_weights(args.weights).model.to(device))
     identity = load_identity_encoder(device=args.device)
     s = model.cfg.image_size
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, image {s}x{s}")
