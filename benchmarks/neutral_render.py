@@ -8,7 +8,11 @@ The measure itself is model/training/neutral_check.py (also `ipdfer evaluate --n
 
 `--edit-gain WARP,SHADE` is a diagnostic: it scales the editor's neutral edit
 (displacement field, shading field) before it is applied, to see which part of
-the edit each figure follows. The shipped model is 1,1.
+the edit each figure follows. The shipped model is 1,1. `--edit-region CY,AY,AX`
+confines every edit to a soft ellipse of the aligned crop (centre height, half
+height, half width, in crop units; edge feathered over 0.08), e.g. 0.66,0.30,0.26
+= brows to chin, cheek to cheek: the trial in the README's model card.
+`--split val` runs the check on the validation people (choose settings there).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import argparse
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from model.inference import Analyzer
 from model.training.neutral_check import neutral_photo_check
@@ -34,6 +39,22 @@ def scale_neutral_edit(editor: torch.nn.Module, warp: float, shade: float) -> No
     editor.fields = scaled
 
 
+def confine_edits(editor: torch.nn.Module, cy: float, ay: float, ax: float, feather: float = 0.08) -> None:
+    """Multiply this NeutralEditor instance's fields by a soft ellipse (1 inside, 0
+    outside) before they are applied, for the neutral and the expression renders."""
+    apply = editor.apply
+
+    def confined(face: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        g = fields.shape[-1] * 8                      # the mask at 8x the field grid, then resized
+        t = (torch.arange(g, dtype=torch.float32) + 0.5) / g
+        yy, xx = torch.meshgrid(t, t, indexing="ij")
+        d = torch.sqrt(((xx - 0.5) / ax) ** 2 + ((yy - cy) / ay) ** 2)
+        mask = ((1 + feather - d) / (2 * feather)).clamp(0, 1)[None, None].to(fields.device)
+        return apply(face, F.interpolate(fields.float(), size=(g, g), mode="bilinear",
+                                         align_corners=False) * mask)
+    editor.apply = confined
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR)
@@ -45,6 +66,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write neutral_photos.json and a picture grid here")
     ap.add_argument("--edit-gain", metavar="WARP,SHADE", help="diagnostic: scale the editor's neutral "
                     "edit (displacement, shading), e.g. 1,0 = warp only; shipped: 1,1")
+    ap.add_argument("--edit-region", metavar="CY,AY,AX", help="diagnostic: confine the edits to a soft "
+                    "ellipse of the aligned crop, e.g. 0.66,0.30,0.26")
     args = ap.parse_args()
     judge = load_weights(args.judge)
     print(f"judge: {judge.manifest['name']} {judge.manifest['version']} ({args.judge})")
@@ -55,6 +78,12 @@ def main() -> None:
         warp, shade = (float(v) for v in args.edit_gain.split(","))
         scale_neutral_edit(analyzer.model.decoder, warp, shade)
         print(f"neutral edit scaled: warp x{warp:g}, shading x{shade:g}")
+    if args.edit_region:
+        if not analyzer.model.edits_input:
+            raise SystemExit("--edit-region needs weights with the editing renderer")
+        cy, ay, ax = (float(v) for v in args.edit_region.split(","))
+        confine_edits(analyzer.model.decoder, cy, ay, ax)
+        print(f"edits confined to the ellipse centre y {cy:g}, half-height {ay:g}, half-width {ax:g}")
     neutral_photo_check(analyzer, judge.model.eval(),
                         args.shared / "data" / "muxspace", split=args.split, out=args.out)
 
