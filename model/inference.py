@@ -95,20 +95,50 @@ def residue_heatmap(face: np.ndarray, residue: np.ndarray) -> np.ndarray:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Fold every eval-mode BatchNorm into the layer before it, in place: adjacent
+    (Conv2d, BatchNorm2d) or (Linear, BatchNorm1d) in a Sequential, and a module's
+    `BN_PAIRS` (layer, norm) attribute names (ResBlock). Done on the modules
+    directly, not by tracing: torch.fx patches nn.Module for the whole process
+    while it traces, which a model running in another thread could trip over."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    def fused(layer, norm):
+        if isinstance(layer, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d):
+            return fuse_conv_bn_eval(layer, norm)
+        if isinstance(layer, torch.nn.Linear) and isinstance(norm, torch.nn.BatchNorm1d):
+            return fuse_linear_bn_eval(layer, norm)
+        return None
+
+    for child in module.children():
+        fold_batchnorm(child)
+    pairs = list(getattr(module, "BN_PAIRS", ()))
+    if isinstance(module, torch.nn.Sequential):
+        names = list(module._modules)
+        pairs += list(zip(names, names[1:]))
+    for layer_name, norm_name in pairs:
+        if layer_name not in module._modules or norm_name not in module._modules:
+            continue                               # a norm just folded and removed
+        new = fused(module._modules[layer_name], module._modules[norm_name])
+        if new is not None:
+            module._modules[layer_name] = new
+            if isinstance(module, torch.nn.Sequential):
+                del module._modules[norm_name]     # one call fewer per layer
+            else:
+                module._modules[norm_name] = torch.nn.Identity()
+    return module
+
+
 def inference_form(model: IPDFER) -> IPDFER:
     """A serving copy of `model`: in E_exp and E_pose each BatchNorm is folded into
-    the convolution before it, and their weights are channels-last. Same outputs
-    (within 2e-6 in fp32); on this CPU, one thread, the served encoders (with the
-    mirror pass) went from 88 to 155 faces/s at batch 1 and 118 to 254 at batch 32.
-    The copy can't be trained (BatchNorm is gone); the renderer is left as it is."""
-    from torch.fx.experimental.optimization import fuse
-
+    the layer before it, and their weights are channels-last. Same outputs (within
+    2e-6 in fp32). Measured in one run on this CPU, one thread, the encoders as
+    served (with the mirror pass): 88 -> 155 faces/s at batch 1, 118 -> 254 at
+    batch 32. The copy can't be trained (BatchNorm is gone); the renderer is left
+    as it is."""
     model = copy.deepcopy(model).eval()
     for encoder in (model.exp_encoder, model.pose_encoder):
-        for name, child in list(encoder.named_children()):
-            if isinstance(child, torch.nn.Sequential):   # symbolically traceable
-                setattr(encoder, name, fuse(child))
-        encoder.to(memory_format=torch.channels_last)
+        fold_batchnorm(encoder).to(memory_format=torch.channels_last)
     return model
 
 
@@ -146,14 +176,15 @@ class Analyzer:
                  precision: str = "auto"):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weights = weights
-        self.model = inference_form(weights.model.to(self.device))
+        self.model = inference_form(weights.model).to(self.device)   # the original stays on the CPU
         self.image_size = weights.config.image_size
         # the editing renderer edits a larger crop of the face: served renders are render_size²
         self.render_size = weights.config.render_size if self.model.edits_input else 0
         self.pipeline = pipeline or facelib.FacePipeline(size=self.image_size, device=str(self.device),
                                                          render_size=self.render_size)
         # Expression probabilities average the face and its mirror image, as in
-        # `ipdfer evaluate` (the model card's figures); False halves E_exp's cost.
+        # `ipdfer evaluate` (the model card's figures); False saves E_exp's second
+        # pass (up to half its cost; ~25% at batch <= 8, where the two run jointly).
         self.flip_tta = flip_tta
         self._identity = None   # the dlib port loads on the first neutral request
         # seconds spent by the last analyze(), per stage: detect, align, encode, render
@@ -188,10 +219,10 @@ class Analyzer:
 
     # -- batched building blocks -------------------------------------------
     @torch.inference_mode()
-    def _encode(self, aligned: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    def _encode(self, aligned: list[np.ndarray], flip_tta: bool | None = None) -> dict[str, torch.Tensor]:
         x = facelib.to_model_input(np.stack(aligned)).to(self.device)
         with self._autocast:
-            out = self.model.encode(x, flip_tta=self.flip_tta)
+            out = self.model.encode(x, flip_tta=self.flip_tta if flip_tta is None else flip_tta)
         return {k: v.float() for k, v in out.items()}
 
     @torch.inference_mode()
@@ -201,7 +232,8 @@ class Analyzer:
     @torch.inference_mode()
     def _render(self, states: list[FaceState], enc: dict[str, torch.Tensor] | None = None,
                 residue: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        enc = enc or self._encode([s.aligned for s in states])
+        # a render needs pose and expression codes, not probabilities: no mirror pass
+        enc = enc or self._encode([s.aligned for s in states], flip_tta=False)
         identity = self._identity_codes([s.chip for s in states])
         face = target = None
         if self.model.edits_input:

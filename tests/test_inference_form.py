@@ -7,6 +7,8 @@ from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
 
 def test_the_serving_copy_predicts_what_the_trained_model_predicts():
+    # both in eval mode, so both take the joint mirror path up to JOINT_MIRROR_MAX:
+    # this checks the fold; the next test checks joint against separate
     model = load_weights(DEFAULT_WEIGHTS_DIR).model.eval()
     served = inference_form(model)
     has_bn = lambda m: any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # noqa: E731
@@ -36,3 +38,17 @@ def test_the_joint_mirror_pass_equals_two_passes():
 def test_the_analyzer_serves_the_folded_copy():
     analyzer = Analyzer.load(device="cpu", precision="fp32")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in analyzer.model.exp_encoder.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in analyzer.weights.model.exp_encoder.modules())
+
+
+def test_every_batchnorm_of_both_shipped_encoders_is_folded():
+    # the judge is the ResNet E_exp (ResBlock BN_PAIRS, a Linear + BatchNorm1d head)
+    for weights in (DEFAULT_WEIGHTS_DIR, DEFAULT_WEIGHTS_DIR / "judge"):
+        model = load_weights(weights).model.eval()
+        served = inference_form(model)
+        norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+        for enc in (served.exp_encoder, served.pose_encoder):
+            assert not any(isinstance(m, norms) for m in enc.modules()), weights
+        x = torch.rand(4, 1, model.cfg.image_size, model.cfg.image_size) * 2 - 1
+        with torch.inference_mode():
+            torch.testing.assert_close(served.encode(x)["probs"], model.encode(x)["probs"], atol=2e-5, rtol=1e-4)

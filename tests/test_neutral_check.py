@@ -24,6 +24,8 @@ def test_the_default_manifest_holds_the_test_people_of_the_benchmark():
 
 def test_the_check_runs_end_to_end_on_a_few_people(shared_dir, tmp_path):
     root = samples.data_dir(shared_dir) / "muxspace"
+    if not root.is_dir():
+        pytest.skip(f"muxspace photos not found under {root}")
     people = list(neutral_check.people_with_both(neutral_check.MANIFEST, "test"))[:3]
     with open(neutral_check.MANIFEST, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["subject"] in people]

@@ -20,6 +20,8 @@ def assert_shape(x: torch.Tensor, shape: tuple) -> None:
 class ResBlock(nn.Module):
     """Pre-activation-free basic block (conv-BN-ReLU-conv-BN + shortcut)."""
 
+    BN_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"))   # foldable for inference (model.inference)
+
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -281,8 +283,9 @@ class IPDFER(nn.Module):
 
     def encode(self, x: torch.Tensor, flip_tta: bool = False) -> dict[str, torch.Tensor]:
         """x: (N,1,S,S) in [-1,1] -> logits (N,7), probs (N,7), pose in degrees (N,3),
-        features. flip_tta: probs average the face and its mirror image (E_exp runs
-        twice; logits and features stay those of the face itself)."""
+        features. flip_tta: probs average the face and its mirror image (E_exp sees
+        both, in one call up to JOINT_MIRROR_MAX in eval mode; logits and features
+        stay those of the face itself)."""
         s = self.cfg.image_size
         assert_shape(x, (None, 1, s, s))
         n = x.shape[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def record(weights: str, images: list[tuple[str, bool, str]], data: Path) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    ap.add_argument("--shared", type=Path, default=Path(os.environ.get("IPDFER_SHARED", REPO.parent / "shared")))
     args = ap.parse_args()
     torch.set_num_threads(1)
     golden = json.loads(GOLDEN.read_text())
