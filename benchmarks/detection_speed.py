@@ -4,12 +4,19 @@ faces found, largest landmark difference, seconds. FER2013 test crops by default
 (48 px, enlarged 3x before detection as the service does).
 
     IPDFER_DATA=/path/to/data .venv/bin/python benchmarks/detection_speed.py [--threads 2]
+
+`--caps` instead compares two `batch_pixels` caps (padded pixels per MTCNN call)
+on muxspace photos resized to 224, 448 and 640 px, sent in batches of 8, on one
+thread, interleaved three times: why the default is 600,000.
+
+    IPDFER_DATA=/path/to/data .venv/bin/python benchmarks/detection_speed.py --caps
 """
 from __future__ import annotations
 
 import argparse
 import time
 
+import cv2
 import numpy as np
 import torch
 
@@ -27,13 +34,34 @@ def nchw(detector: FaceDetector) -> FaceDetector:
     return detector
 
 
+def compare_caps(root, caps=(600_000, 8_000_000)) -> None:
+    torch.set_num_threads(1)
+    photos = [load_image(f) for f in sorted((root / "muxspace" / "images").glob("*.jpg"))[:64]]
+    sets = {side: [cv2.resize(p, (side, side)) for p in photos[:n]] for side, n in ((224, 64), (448, 24), (640, 16))}
+    detector = FaceDetector()
+    detector.detect(photos[:8])   # warm-up
+    for _ in range(3):
+        for side, images in sets.items():
+            row = []
+            for cap in caps:
+                detector.batch_pixels = cap
+                t0 = time.perf_counter()
+                for s in range(0, len(images), 8):
+                    detector.detect(images[s:s + 8])
+                row.append(f"cap {cap:,}: {1000 * (time.perf_counter() - t0) / len(images):.1f}")
+            print(f"{side} px photos, batches of 8, ms an image: " + ", ".join(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", help="datasets folder (default: env IPDFER_DATA)")
     ap.add_argument("--folder", default="fer2013/test", help="images under the data root")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--caps", action="store_true", help="compare batch_pixels caps instead (one thread)")
     args = ap.parse_args()
+    if args.caps:
+        return compare_caps(require_data_root(args.data_root))
     torch.set_num_threads(args.threads)
     files = sorted((require_data_root(args.data_root) / args.folder).rglob("*.jpg"))
     images = [load_image(f) for f in files]
