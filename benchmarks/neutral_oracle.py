@@ -1,0 +1,88 @@
+"""What the neutral check's "closer than the input" can reward: oracle edits of
+the expression regions (eye/brow and mouth boxes, feathered) of each expressive
+photo, scored exactly like a render, against the same person's *other* real
+neutral photos (people with at least two; the source photo is left out):
+
+- the regions of one of the person's own real neutral photos (intensity matched):
+  a perfect, person-specific local neutralisation;
+- the regions of another person's neutral photo: a generic neutral face;
+- the input's own regions blurred (Gaussian, sigma 2): no neutralisation at all.
+
+If the first is no better than the others, the measure cannot tell a neutralising
+edit from none at this data's pose and lighting differences.
+
+    .venv/bin/python benchmarks/neutral_oracle.py [--split test|val]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from model import faces as facelib
+from model.images import load_image
+from model.inference import Analyzer
+from model.training import neutral_check as nc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="folder holding data/muxspace")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    root = args.shared / "data" / "muxspace"
+    analyzer = Analyzer.load(device="cpu")
+    people = nc.people_with_both(nc.MANIFEST, args.split)
+
+    crops: dict[str, np.ndarray] = {}   # the crops the renderer edits, aligned the same way
+    for v in people.values():
+        paths = v["neutral"] + v["expressive"]
+        results = analyzer.analyze([load_image(root / p) for p in paths], aligned=[False] * len(paths),
+                                   max_faces=[1] * len(paths), neutral=[False] * len(paths))
+        for p, r in zip(paths, results):
+            if not isinstance(r, Exception) and r:
+                crops[p] = analyzer._large(r[0].state).astype(np.float64)
+    size = next(iter(crops.values())).shape[0]
+    regions = facelib.expression_regions(size)
+    weight = cv2.GaussianBlur(regions.astype(np.float64), (0, 0), 2)
+    refs = {person: [crops[p] for p in v["neutral"] if p in crops] for person, v in people.items()}
+    others = [person for person in people if refs[person]]
+
+    def matched(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        a, b = src[regions], dst[regions]
+        return (src - a.mean()) / (a.std() + 1e-6) * b.std() + b.mean()
+
+    rng = random.Random(args.seed)
+    closer = defaultdict(list)
+    for person, v in people.items():
+        own = refs[person]
+        if len(own) < 2:
+            continue
+        for p in (p for p in v["expressive"] if p in crops):
+            inp = crops[p]
+            j = rng.randrange(len(own))
+            evaluation = [r for i, r in enumerate(own) if i != j]
+            c_in = np.mean([nc.correlation(inp, r) for r in evaluation])
+            other = rng.choice(refs[rng.choice([q for q in others if q != person])])
+            sources = {"the person's own neutral photo": matched(own[j], inp),
+                       "another person's neutral photo": matched(other, inp),
+                       "the input blurred (no neutralisation)": cv2.GaussianBlur(inp, (0, 0), 2)}
+            for name, src in sources.items():
+                edit = inp * (1 - weight) + src * weight
+                closer[name].append(np.mean([nc.correlation(edit, r) for r in evaluation]) > c_in)
+    n = len(next(iter(closer.values())))
+    print(f"muxspace {args.split}: {n} expressive photos of people with 2+ neutral photos; "
+          f"expression regions {regions.mean():.1%} of the {size} px crop")
+    for name, v in closer.items():
+        print(f"regions replaced by {name:40s} closer than the input: {np.mean(v):.1%}")
+
+
+if __name__ == "__main__":
+    main()
