@@ -26,11 +26,9 @@ from model.paths import require_data_root
 
 
 def nchw(detector: FaceDetector) -> FaceDetector:
-    """The same detector with facenet-pytorch's own NCHW pooling put back."""
-    for net in (detector.mtcnn.pnet, detector.mtcnn.rnet, detector.mtcnn.onet):
-        p = net.pool1
-        net.pool1 = torch.nn.MaxPool2d(p.kernel_size, p.stride, p.padding, p.dilation, p.return_indices,
-                                       p.ceil_mode)
+    """The same detector around an untouched facenet-pytorch MTCNN (NCHW throughout)."""
+    from facenet_pytorch import MTCNN
+    detector.mtcnn = MTCNN(keep_all=True, min_face_size=detector.min_face_size)
     return detector
 
 

@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     # the form the service runs: BatchNorm folded, channels-last encoders, joint mirror pass
-    model = inference_form(load_weights(args.weights).model.to(device))
+    model = inference_form(load_weights(args.weights).model).to(device)
     identity = load_identity_encoder(device=args.device)
     s = model.cfg.image_size
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, image {s}x{s}")

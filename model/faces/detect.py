@@ -69,9 +69,9 @@ class FaceDetector:
         self.upscale_factor = upscale_factor
         self.pad_fraction = pad_fraction
         self.batch_size = batch_size
-        # padded pixels per MTCNN call. Measured on one thread: 224 px photos (268² padded)
-        # 16 -> 12 ms an image from batch 1 to 6-8, worse at 16; 640 px photos 78 ms
-        # alone, 91 at batch 2, 103 at batch 4 (the pyramid outgrows the caches)
+        # padded pixels per MTCNN call (held as float32, ~12 B a pixel). Bigger calls
+        # outgrow the caches: benchmarks/detection_speed.py --caps, 640 px photos in
+        # batches of 8, 82 ms an image at 600,000 against 105 at 8 M; 224 px unchanged
         self.batch_pixels = batch_pixels
         # work per image: candidates into MTCNN's 2nd / 3rd stage (model/faces/mtcnn.py)
         self.max_candidates, self.max_refine = max_candidates, max_refine

@@ -288,17 +288,18 @@ class IPDFER(nn.Module):
         stay those of the face itself)."""
         s = self.cfg.image_size
         assert_shape(x, (None, 1, s, s))
-        n = x.shape[0]
         # small batches: the face and its mirror in one E_exp call (fewer, fuller
         # kernels: 1.3x at batch 1); in training, BatchNorm must see the face alone
-        joint = flip_tta and n <= self.JOINT_MIRROR_MAX and not self.training
-        both = self.exp_encoder(torch.cat([x, x.flip(3)]) if joint else x)
-        exp = both[:n]
+        if flip_tta and x.shape[0] <= self.JOINT_MIRROR_MAX and not self.training:
+            exp, exp_mirror = self.exp_encoder(torch.cat([x, x.flip(3)])).chunk(2)
+        else:
+            exp = self.exp_encoder(x)
+            exp_mirror = self.exp_encoder(x.flip(3)) if flip_tta else None
         pose_feat = self.pose_encoder(x)
         logits = self.exp_head(exp) + self.class_bias
         probs = logits.float().softmax(1)
         if flip_tta:
-            mirrored = self.exp_head(both[n:] if joint else self.exp_encoder(x.flip(3))) + self.class_bias
+            mirrored = self.exp_head(exp_mirror) + self.class_bias
             probs = (probs + mirrored.float().softmax(1)) / 2
         return {"logits": logits, "probs": probs, "pose": self.pose_head(pose_feat) * self.POSE_SCALE,
                 "exp": exp, "pose_feat": pose_feat}

@@ -8,7 +8,6 @@ Same images, same fields, same conditions as the tests (fp32, one thread)."""
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 
 from model.inference import Analyzer
-from tests.test_golden import GOLDEN, REPO, _images
+from tests.test_golden import GOLDEN, REPO, _images, block_means, neutral_blocks
 
 
 def record(weights: str, images: list[tuple[str, bool, str]], data: Path) -> dict:
@@ -30,10 +29,7 @@ def record(weights: str, images: list[tuple[str, bool, str]], data: Path) -> dic
     for (key, _, _), faces in zip(images, results):
         entries = []
         for face in faces:
-            neutral = np.asarray(Image.open(io.BytesIO(face.neutral_png)).convert("L"), np.float32)
-            s = neutral.shape[0] // 8
-            entries.append({**face.to_dict(),
-                            "neutral_8x8": neutral.reshape(8, s, 8, s).mean((1, 3)).tolist()})
+            entries.append({**face.to_dict(), "neutral_8x8": neutral_blocks(face).tolist()})
         out[key] = {"detected": faces.detected, "faces": entries}
     return out
 
@@ -47,8 +43,7 @@ def record_prepare(data: Path) -> None:
     images = [reader(p) for p in golden["paths"]]
     f = FaceWorker().features(images)
     golden.update({k: np.asarray(f[k]).tolist() for k in ("source", "landmarks", "pose", "identity")})
-    golden["faces64_8x8"] = [np.round(x.astype(np.float64).reshape(8, 8, 8, 8).mean((1, 3)), 3).tolist()
-                             for x in align_all(images, f["landmarks"], 64)]
+    golden["faces64_8x8"] = [np.round(block_means(x), 3).tolist() for x in align_all(images, f["landmarks"], 64)]
     path.write_text(json.dumps(golden) + "\n")
     print(f"wrote {path}")
 
