@@ -5,6 +5,9 @@ for each numeric precision in one run (ratios are comparable; absolute figures
 depend on what else the machine runs).
 
     .venv/bin/python benchmarks/encoder_speed.py [--weights weights] [--device cpu] [--precisions fp32,bf16]
+
+On the CPU it also times the served encoders in ONNX Runtime (weights/encoders.onnx,
+`IPDFER_RUNTIME`; fp32, with the mirror pass; renders always run in PyTorch).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from model.encoders_onnx import load_onnx_encoders, onnx_entry
 from model.faces.identity import load_identity_encoder
 from model.inference import autocast_for, inference_form
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
@@ -39,7 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     # the form the service runs: BatchNorm folded, channels-last encoders, joint mirror pass
-    model = inference_form(load_weights(args.weights).model).to(device)
+    weights = load_weights(args.weights)
+    model = inference_form(weights.model).to(device)
     identity = load_identity_encoder(device=args.device)
     s = model.cfg.image_size
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, image {s}x{s}")
@@ -59,6 +64,12 @@ def main() -> None:
                 print(f"{precision:>9} {batch:>5} {rate(served, batch, args.seconds):>17.1f} "
                       f"{rate(plain, batch, args.seconds):>17.1f} {rate(render, batch, args.seconds):>23.1f}",
                       flush=True)
+    if device.type == "cpu" and onnx_entry(weights) is not None:
+        onnx = load_onnx_encoders(weights, threads=torch.get_num_threads())
+        for batch in (1, 32):
+            x = torch.randn(batch, 1, s, s)
+            print(f"{'onnxrt':>9} {batch:>5} {rate(lambda: onnx(x), batch, args.seconds):>17.1f} "  # noqa: B023
+                  f"{'-':>17} {'-':>23}", flush=True)
 
 
 if __name__ == "__main__":

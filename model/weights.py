@@ -25,6 +25,7 @@ class LoadedWeights:
     model: IPDFER
     config: ModelConfig
     manifest: dict
+    directory: Path | None = None   # the weights folder (files beside the .pt: encoders.onnx)
 
 
 def git_commit() -> str | None:
@@ -71,4 +72,4 @@ def load_weights(weights_dir: Path = DEFAULT_WEIGHTS_DIR) -> LoadedWeights:
     state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
     state.setdefault("class_bias", torch.zeros(cfg.num_classes))  # weights <= 0.3.0 had no logit adjustment
     model.load_state_dict(state)
-    return LoadedWeights(model=model.eval(), config=cfg, manifest=manifest)
+    return LoadedWeights(model=model.eval(), config=cfg, manifest=manifest, directory=weights_dir)

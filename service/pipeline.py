@@ -102,10 +102,11 @@ class Pipeline:
             torch.set_num_threads(threads or settings.torch_threads)
         t0 = time.perf_counter()
         analyzer = Analyzer.load(settings.weights_dir, settings.device, flip_tta=settings.flip_tta,
-                                 precision=settings.precision)
+                                 precision=settings.precision, runtime=settings.runtime)
         analyzer.warmup()
-        log.info("model %s loaded and warmed up on %s in %.1f s", analyzer.info.get("sha256", "")[:12],
-                 analyzer.info.get("device"), time.perf_counter() - t0)
+        log.info("model %s loaded and warmed up on %s (encoders: %s) in %.1f s",
+                 analyzer.info.get("sha256", "")[:12], analyzer.info.get("device"), analyzer.runtime,
+                 time.perf_counter() - t0)
         return cls(analyzer, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes,
                    min_side=settings.min_image_side, max_faces=settings.max_faces,
                    decode_max_side=settings.decode_max_side, worker=worker,

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
                             "CPU. bf16 (CPUs with native bf16: AVX-512 BF16 / AMX) was 11% faster at 16 clients "
                             "and slower for a lone client, and moves probabilities by up to 0.04; asked for on "
                             "a CPU without it, it is refused.")
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="What runs the per-request encoders: auto = ONNX Runtime on the CPU in fp32 when "
+                            "the weights folder has its encoders.onnx (ipdfer export-onnx; 4.5x faster at batch "
+                            "1 on an AVX2 CPU), else PyTorch. Renders always run in PyTorch.")
     heap_trim_interval_s: float = Field(2.0, ge=0, description="After a batch, give freed heap memory "
                                         "back to the system (glibc malloc_trim) at most this often per batch "
                                         "loop; 0: never. Without it RSS wandered 15-30% above its start under "

@@ -450,7 +450,8 @@ def test_weights_and_networks_are_baked_in(dockerfile):
     dest = {src: dst for sources, dst in copies(final) for src in sources}
     env = image_env(final)
     manifest = json.loads((ROOT / "weights" / "manifest.json").read_text())
-    for src in ("weights/manifest.json", f"weights/{manifest['file']}"):  # the model, not judge/ or report/
+    # the model and its CPU graph, not judge/ or report/
+    for src in ("weights/manifest.json", f"weights/{manifest['file']}", f"weights/{manifest['onnx']['file']}"):
         assert dest[src].rstrip("/") == env["IPDFER_WEIGHTS_DIR"], f"{name}: {src} -> {dest[src]}"
     assert (ROOT / "weights" / manifest["file"]).is_file()
     # the build loads weights, dlib's network (face-recognition-models) and MTCNN

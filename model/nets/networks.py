@@ -291,7 +291,9 @@ class IPDFER(nn.Module):
         # small batches: the face and its mirror in one E_exp call (fewer, fuller
         # kernels: 1.3x at batch 1); in training, BatchNorm must see the face alone
         if flip_tta and x.shape[0] <= self.JOINT_MIRROR_MAX and not self.training:
-            exp, exp_mirror = self.exp_encoder(torch.cat([x, x.flip(3)])).chunk(2)
+            both = self.exp_encoder(torch.cat([x, x.flip(3)]))
+            n = x.shape[0]  # (not chunk, not len(): both fix the batch size of an ONNX export)
+            exp, exp_mirror = both[:n], both[n:]
         else:
             exp = self.exp_encoder(x)
             exp_mirror = self.exp_encoder(x.flip(3)) if flip_tta else None

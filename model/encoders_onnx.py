@@ -1,0 +1,127 @@
+"""The served encoders (E_exp + E_pose with their heads, as `IPDFER.encode(x,
+flip_tta=True)` computes them) as one ONNX graph, run by ONNX Runtime on the CPU.
+
+Why: on a 2-core CPU most of the encoders' time at small batches is PyTorch's
+per-operator overhead, which ONNX Runtime mostly avoids. Measured in one run on
+an AVX2 CPU (AMD EPYC, 2 threads, the encoders as served, faces/s): 75 -> 335
+at batch 1 and 285 -> 422 at batch 32 (benchmarks/encoder_speed.py).
+
+The graph is exported once, offline, next to the weights it came from
+(`ipdfer export-onnx`, which needs the `export` extra: onnx, onnxscript), and the
+manifest records its sha256 and the sha256 of that `.pt`; a graph of other
+weights is never loaded. Serving needs only `onnxruntime`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.fileio import atomic_write, atomic_write_text, sha256_file
+from model.weights import MANIFEST, LoadedWeights, load_weights
+
+ONNX_FILE = "encoders.onnx"
+INPUT = "face"
+OUTPUTS = ("logits", "probs", "pose", "exp", "pose_feat")
+
+
+class ServedEncoders(torch.nn.Module):
+    """`model.encode(x, flip_tta=True)` for any batch size: the face and its mirror
+    image go through E_exp jointly (the graph has no BatchNorm left to share
+    statistics: `model` is `inference_form`'s copy)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.model.JOINT_MIRROR_MAX = sys.maxsize  # one graph: the joint pass at every batch size
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model.encode(x, flip_tta=True)
+        return tuple(out[k] for k in OUTPUTS)
+
+
+def onnx_entry(weights: LoadedWeights) -> dict | None:
+    """The manifest's record of the graph, when it was exported from these weights
+    and its file is there."""
+    entry = weights.manifest.get("onnx")
+    if (entry and entry.get("source_sha256") == weights.manifest["sha256"]
+            and weights.directory is not None and (weights.directory / entry["file"]).is_file()):
+        return entry
+    return None
+
+
+class OnnxEncoders:
+    """Runs the exported graph: a (N, 1, S, S) float tensor in, `encode`'s dict out
+    (torch tensors on the CPU)."""
+
+    def __init__(self, path: Path, sha256: str, threads: int) -> None:
+        import onnxruntime as ort
+        digest = sha256_file(path)
+        if digest != sha256:
+            raise ValueError(f"{path} sha256 {digest[:12]}… does not match the manifest's {sha256[:12]}…")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # idle pool threads would spin on cores that detection and other batching
+        # loops need; with one thread there is no pool
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.session.run(list(OUTPUTS), {INPUT: x.detach().cpu().float().numpy()})
+        return {k: torch.from_numpy(v) for k, v in zip(OUTPUTS, outputs)}
+
+
+def load_onnx_encoders(weights: LoadedWeights, threads: int) -> OnnxEncoders:
+    entry = onnx_entry(weights)
+    if entry is None:
+        raise FileNotFoundError(f"no {ONNX_FILE} exported from these weights "
+                                f"(sha256 {weights.manifest['sha256'][:12]}…): run ipdfer export-onnx")
+    return OnnxEncoders(weights.directory / entry["file"], entry["sha256"], threads)
+
+
+def export_onnx(weights_dir: Path, opset: int = 18, check_batches: tuple[int, ...] = (1, 5, 32)) -> dict:
+    """Write `encoders.onnx` beside the weights and record it in their manifest;
+    returns that record. The graph is checked against PyTorch before it is kept."""
+    from model.inference import inference_form
+    loaded = load_weights(weights_dir)
+    served = ServedEncoders(inference_form(loaded.model)).eval()
+    s = loaded.config.image_size
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(served, (torch.zeros(2, 1, s, s),), dynamo=True, opset_version=opset,
+                                input_names=[INPUT], output_names=list(OUTPUTS),
+                                dynamic_shapes=({0: batch},), verbose=False)
+    path = weights_dir / ONNX_FILE
+    atomic_write(path, lambda tmp: program.save(str(tmp)))
+    entry = {"file": ONNX_FILE, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
+             "source_sha256": loaded.manifest["sha256"], "opset": opset, "torch": torch.__version__,
+             "outputs": list(OUTPUTS)}
+    runner = OnnxEncoders(path, entry["sha256"], threads=torch.get_num_threads())
+    worst = 0.0
+    generator = torch.Generator().manual_seed(0)
+    for n in check_batches:
+        x = torch.rand(n, 1, s, s, generator=generator) * 2 - 1
+        with torch.inference_mode():
+            expected = served(x)
+        got = runner(x)
+        worst = max(worst, *(float((got[k] - e).abs().max()) for k, e in zip(OUTPUTS, expected)))
+    if worst > 1e-3:
+        path.unlink()
+        raise RuntimeError(f"the exported graph differs from PyTorch by {worst:.2e}: not kept")
+    entry["max_abs_diff"] = float(np.float32(worst))
+    manifest = {**loaded.manifest, "onnx": entry}
+    atomic_write_text(weights_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return entry
+
+
+def add_arguments(p) -> None:
+    from model.weights import DEFAULT_WEIGHTS_DIR
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR, help="weights folder")
+    p.add_argument("--opset", type=int, default=18)
+
+
+def run(args) -> int:
+    print(json.dumps(export_onnx(args.weights, opset=args.opset)))
+    return 0

@@ -1,0 +1,97 @@
+"""The encoders in ONNX Runtime (weights/encoders.onnx) predict what PyTorch
+predicts, belong to the weights they sit beside, and are never used for others."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.encoders_onnx import ONNX_FILE, export_onnx, onnx_entry
+from model.fileio import sha256_file
+from model.images import load_image
+from model.inference import Analyzer, resolve_runtime
+from model.nets.networks import IPDFER
+from model.weights import DEFAULT_WEIGHTS_DIR, MANIFEST, load_weights, save_weights
+
+
+@pytest.fixture(scope="module")
+def analyzers():
+    return (Analyzer.load(device="cpu", precision="fp32", runtime="onnxruntime"),
+            Analyzer.load(device="cpu", precision="fp32", runtime="torch"))
+
+
+def test_the_committed_graph_was_exported_from_the_committed_weights():
+    weights = load_weights(DEFAULT_WEIGHTS_DIR)
+    entry = onnx_entry(weights)
+    assert entry is not None, weights.manifest.get("onnx")
+    assert entry["source_sha256"] == weights.manifest["sha256"]
+    assert sha256_file(DEFAULT_WEIGHTS_DIR / entry["file"]) == entry["sha256"]
+    # the service's default on the CPU
+    assert Analyzer.load(device="cpu").runtime == "onnxruntime"
+
+
+def test_onnx_runtime_predicts_what_pytorch_predicts_on_real_faces(analyzers, shared_dir):
+    onnx, torch_ = analyzers
+    files = sorted((shared_dir / "data" / "muxspace" / "images").glob("*.jpg"))[:12]
+    images = [load_image(f) for f in files]
+    # 12 faces in one batch: beyond JOINT_MIRROR_MAX, where PyTorch takes two passes
+    for batch in (images[:1], images):
+        a = onnx.analyze(batch, [False] * len(batch), [None] * len(batch), [False] * len(batch))
+        b = torch_.analyze(batch, [False] * len(batch), [None] * len(batch), [False] * len(batch))
+        assert [len(faces) for faces in a] == [len(faces) for faces in b]
+        pairs = [(fa, fb) for xa, xb in zip(a, b) for fa, fb in zip(xa, xb)]
+        assert len(pairs) >= len(batch)
+        for fa, fb in pairs:
+            assert fa.label == fb.label
+            for k in fa.probabilities:
+                assert abs(fa.probabilities[k] - fb.probabilities[k]) <= 1e-4, k
+            for k in fa.pose:
+                assert abs(fa.pose[k] - fb.pose[k]) <= 0.02, k
+
+
+def test_the_graph_of_other_weights_is_never_used(tmp_path):
+    for name in ("ipdfer.pt", MANIFEST, ONNX_FILE):
+        shutil.copy(DEFAULT_WEIGHTS_DIR / name, tmp_path / name)
+    assert Analyzer.load(tmp_path, device="cpu").runtime == "onnxruntime"
+    # other weights in the folder: the old graph no longer matches them
+    torch.manual_seed(1)
+    save_weights(IPDFER(ModelConfig()).eval(), tmp_path, version="0.0.1", trained=False)
+    assert Analyzer.load(tmp_path, device="cpu").runtime == "torch"
+    with pytest.raises(FileNotFoundError, match="ipdfer export-onnx"):
+        Analyzer.load(tmp_path, device="cpu", runtime="onnxruntime")
+
+
+def test_a_changed_graph_file_is_refused(tmp_path):
+    for name in ("ipdfer.pt", MANIFEST, ONNX_FILE):
+        shutil.copy(DEFAULT_WEIGHTS_DIR / name, tmp_path / name)
+    with open(tmp_path / ONNX_FILE, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="does not match"):
+        Analyzer.load(tmp_path, device="cpu")
+
+
+def test_onnx_runtime_is_fp32_on_the_cpu_only():
+    weights = load_weights(DEFAULT_WEIGHTS_DIR)
+    for device, precision in (("cpu", "bf16"), ("cuda", "fp16"), ("cuda", "fp32")):
+        assert resolve_runtime(weights, torch.device(device), precision) == "torch"
+        with pytest.raises(ValueError, match="fp32 on the CPU"):
+            resolve_runtime(weights, torch.device(device), precision, "onnxruntime")
+    with pytest.raises(ValueError, match="unknown runtime"):
+        Analyzer.load(device="cpu", runtime="tensorrt")
+
+
+def test_export_writes_a_graph_that_matches_and_records_it(tmp_path):
+    torch.manual_seed(0)
+    save_weights(IPDFER(ModelConfig()).eval(), tmp_path, version="0.0.1", trained=False)
+    entry = export_onnx(tmp_path, check_batches=(1, 3))
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["onnx"] == entry
+    assert entry["source_sha256"] == manifest["sha256"] and entry["max_abs_diff"] < 1e-4
+    onnx = Analyzer.load(tmp_path, device="cpu", runtime="onnxruntime")
+    plain = Analyzer.load(tmp_path, device="cpu", runtime="torch")
+    faces = list(np.random.default_rng(0).integers(0, 256, (5, 64, 64), dtype=np.uint8))
+    got, want = onnx._encode(faces), plain._encode(faces)
+    for key in ("probs", "logits", "pose", "exp", "pose_feat"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=key)
