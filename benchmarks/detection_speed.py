@@ -5,6 +5,9 @@ faces found, largest landmark difference, seconds. FER2013 test crops by default
 
     IPDFER_DATA=/path/to/data .venv/bin/python benchmarks/detection_speed.py [--threads 2]
 
+`--min-face-sizes 20,40` instead compares MTCNN's smallest face size: faces found,
+time and landmark movement on FER2013 test crops and muxspace photos.
+
 `--caps` instead compares two `batch_pixels` caps (padded pixels per MTCNN call)
 on muxspace photos resized to 224, 448 and 640 px, sent in batches of 8, on one
 thread, interleaved three times: why the default is 600,000.
@@ -50,6 +53,32 @@ def compare_caps(root, caps=(600_000, 8_000_000)) -> None:
             print(f"{side} px photos, batches of 8, ms an image: " + ", ".join(row), flush=True)
 
 
+def compare_min_face(root, folder: str, sizes: list[int], batch: int) -> None:
+    """The served detector at each MTCNN min_face_size: faces found and ms an image
+    on the folder (FER2013 test crops: 48 px, enlarged 3x) and on muxspace photos
+    resized to 224 and 448 px; landmarks against the first size's (median, px)."""
+    crops = [load_image(f) for f in sorted((root / folder).rglob("*.jpg"))]
+    photos = [load_image(f) for f in sorted((root / "muxspace" / "images").glob("*.jpg"))[:200]]
+    sets = {folder: crops, **{f"muxspace {side} px": [cv2.resize(p, (side, side)) for p in photos]
+                              for side in (224, 448)}}
+    detectors = {m: FaceDetector(min_face_size=m) for m in sizes}
+    for name, images in sets.items():
+        first = None
+        for m, detector in detectors.items():
+            detector.detect(images[:batch])  # warm-up
+            t0, out = time.perf_counter(), []
+            for s in range(0, len(images), batch):
+                out += detector.detect(images[s:s + batch])
+            ms = 1000 * (time.perf_counter() - t0) / len(images)
+            n = sum(1 for faces in out if faces)
+            first = first or out
+            moved = [np.abs(np.asarray(x[0].landmarks) - np.asarray(y[0].landmarks)).max()
+                     for x, y in zip(first, out) if x and y]
+            print(f"{name:18s} min face {m:3d}: found {n}/{len(images)} ({n / len(images):.2%}), "
+                  f"{ms:.1f} ms an image, landmarks vs min face {sizes[0]}: median "
+                  f"{np.median(moved):.2f} px", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", help="datasets folder (default: env IPDFER_DATA)")
@@ -57,10 +86,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--caps", action="store_true", help="compare batch_pixels caps instead (one thread)")
+    ap.add_argument("--min-face-sizes", help="compare MTCNN min_face_size values instead, e.g. 20,40")
     args = ap.parse_args()
     if args.caps:
         return compare_caps(require_data_root(args.data_root))
     torch.set_num_threads(args.threads)
+    if args.min_face_sizes:
+        return compare_min_face(require_data_root(args.data_root), args.folder,
+                                [int(m) for m in args.min_face_sizes.split(",")], args.batch)
     files = sorted((require_data_root(args.data_root) / args.folder).rglob("*.jpg"))
     images = [load_image(f) for f in files]
     print(f"{len(images)} images under {args.folder}, {args.threads} threads, batches of {args.batch}")

@@ -52,12 +52,13 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     ap.add_argument("--pairs", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-face-size", type=int, default=20, help="MTCNN's smallest face (IPDFER_MIN_FACE_SIZE)")
     args = ap.parse_args()
     image_dir = args.shared / "data" / "muxspace" / "images"
     same, diff = sample_pairs([p.name for p in image_dir.iterdir()], args.pairs, args.seed)
     files = sorted({f for pair in same + diff for f in pair})
 
-    detector = facelib.FaceDetector()
+    detector = facelib.FaceDetector(min_face_size=args.min_face_size)
     encoder = load_identity_encoder()
     t0 = time.time()
     chips, missed = {}, 0

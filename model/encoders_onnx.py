@@ -85,7 +85,7 @@ def load_onnx_encoders(weights: LoadedWeights, threads: int) -> OnnxEncoders:
 def export_onnx(weights_dir: Path, opset: int = 18, check_batches: tuple[int, ...] = (1, 5, 32)) -> dict:
     """Write `encoders.onnx` beside the weights and record it in their manifest;
     returns that record. The graph is checked against PyTorch before it is kept."""
-    from model.inference import inference_form
+    from model.nets.serving import inference_form
     loaded = load_weights(weights_dir)
     served = ServedEncoders(inference_form(loaded.model)).eval()
     s = loaded.config.image_size

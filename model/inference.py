@@ -4,7 +4,6 @@ encoder + decoder for neutral renders. The service and `ipdfer predict` use this
 module only; it knows nothing about HTTP or Redis."""
 from __future__ import annotations
 
-import copy
 import io
 import struct
 import time
@@ -21,6 +20,7 @@ from PIL import Image
 from model import faces as facelib
 from model.labels import EXPRESSIONS
 from model.nets.networks import IPDFER
+from model.nets.serving import inference_form
 from model.weights import DEFAULT_WEIGHTS_DIR, LoadedWeights, load_weights
 
 
@@ -95,53 +95,6 @@ def residue_heatmap(face: np.ndarray, residue: np.ndarray) -> np.ndarray:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def fold_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Fold every eval-mode BatchNorm into the layer before it, in place: adjacent
-    (Conv2d, BatchNorm2d) or (Linear, BatchNorm1d) in a Sequential, and a module's
-    `BN_PAIRS` (layer, norm) attribute names (ResBlock). Done on the modules
-    directly, not by tracing: torch.fx patches nn.Module for the whole process
-    while it traces, which a model running in another thread could trip over."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
-
-    def fused(layer, norm):
-        if isinstance(layer, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d):
-            return fuse_conv_bn_eval(layer, norm)
-        if isinstance(layer, torch.nn.Linear) and isinstance(norm, torch.nn.BatchNorm1d):
-            return fuse_linear_bn_eval(layer, norm)
-        return None
-
-    for child in module.children():
-        fold_batchnorm(child)
-    pairs = list(getattr(module, "BN_PAIRS", ()))
-    if isinstance(module, torch.nn.Sequential):
-        names = list(module._modules)
-        pairs += list(zip(names, names[1:]))
-    for layer_name, norm_name in pairs:
-        if layer_name not in module._modules or norm_name not in module._modules:
-            continue                               # a norm just folded and removed
-        new = fused(module._modules[layer_name], module._modules[norm_name])
-        if new is not None:
-            module._modules[layer_name] = new
-            if isinstance(module, torch.nn.Sequential):
-                del module._modules[norm_name]     # one call fewer per layer
-            else:
-                module._modules[norm_name] = torch.nn.Identity()
-    return module
-
-
-def inference_form(model: IPDFER) -> IPDFER:
-    """A serving copy of `model`: in E_exp and E_pose each BatchNorm is folded into
-    the layer before it, and their weights are channels-last. Same outputs (within
-    2e-6 in fp32). Measured in one run on this CPU, one thread, the encoders as
-    served (with the mirror pass): 88 -> 155 faces/s at batch 1, 118 -> 254 at
-    batch 32. The copy can't be trained (BatchNorm is gone); the renderer is left
-    as it is."""
-    model = copy.deepcopy(model).eval()
-    for encoder in (model.exp_encoder, model.pose_encoder):
-        fold_batchnorm(encoder).to(memory_format=torch.channels_last)
-    return model
-
-
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     """"auto": fp16 on CUDA, fp32 on the CPU. bf16 is a switch for CPUs that compute
     it natively (AVX-512 BF16 / AMX). Measured with the folded, channels-last
@@ -193,15 +146,16 @@ class Analyzer:
 
     def __init__(self, weights: LoadedWeights, device: str | None = None,
                  pipeline: facelib.FacePipeline | None = None, flip_tta: bool = True,
-                 precision: str = "auto", runtime: str = "auto"):
+                 precision: str = "auto", runtime: str = "auto", min_face_size: int = 20):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weights = weights
         self.model = inference_form(weights.model).to(self.device)   # the original stays on the CPU
         self.image_size = weights.config.image_size
         # the editing renderer edits a larger crop of the face: served renders are render_size²
         self.render_size = weights.config.render_size if self.model.edits_input else 0
-        self.pipeline = pipeline or facelib.FacePipeline(size=self.image_size, device=str(self.device),
-                                                         render_size=self.render_size)
+        self.pipeline = pipeline or facelib.FacePipeline(
+            facelib.FaceDetector(device=str(self.device), min_face_size=min_face_size),
+            size=self.image_size, device=str(self.device), render_size=self.render_size)
         # Expression probabilities average the face and its mirror image, as in
         # `ipdfer evaluate` (the model card's figures); False saves E_exp's second
         # pass (up to half its cost; ~25% at batch <= 8, where the two run jointly).
@@ -219,9 +173,10 @@ class Analyzer:
 
     @classmethod
     def load(cls, weights_dir: Path | str | None = None, device: str | None = None,
-             flip_tta: bool = True, precision: str = "auto", runtime: str = "auto") -> Analyzer:
+             flip_tta: bool = True, precision: str = "auto", runtime: str = "auto",
+             min_face_size: int = 20) -> Analyzer:
         return cls(load_weights(Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR), device,
-                   flip_tta=flip_tta, precision=precision, runtime=runtime)
+                   flip_tta=flip_tta, precision=precision, runtime=runtime, min_face_size=min_face_size)
 
     @property
     def info(self) -> dict:

@@ -102,7 +102,8 @@ class Pipeline:
             torch.set_num_threads(threads or settings.torch_threads)
         t0 = time.perf_counter()
         analyzer = Analyzer.load(settings.weights_dir, settings.device, flip_tta=settings.flip_tta,
-                                 precision=settings.precision, runtime=settings.runtime)
+                                 precision=settings.precision, runtime=settings.runtime,
+                                 min_face_size=settings.min_face_size)
         analyzer.warmup()
         log.info("model %s loaded and warmed up on %s (encoders: %s) in %.1f s",
                  analyzer.info.get("sha256", "")[:12], analyzer.info.get("device"), analyzer.runtime,

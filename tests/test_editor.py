@@ -101,7 +101,9 @@ def test_a_face_is_edited_the_same_alone_in_a_batch_and_in_training_mode():
         model.eval()
         alone = model.render(ident[:1], pose[:1], face=x[:1])
     assert (batch - x).abs().max() > 1e-3            # a real edit ...
-    assert torch.allclose(batch[:1], alone, atol=1e-5)  # ... the same either way
+    # ... the same either way (batched convolutions differ by ~1e-5 between CPUs; batch
+    # statistics would move an edit by ~0.1)
+    assert torch.allclose(batch[:1], alone, atol=1e-4)
 
 
 def _pair_faces() -> "FaceSet":
