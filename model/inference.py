@@ -146,7 +146,7 @@ class Analyzer:
 
     def __init__(self, weights: LoadedWeights, device: str | None = None,
                  pipeline: facelib.FacePipeline | None = None, flip_tta: bool = True,
-                 precision: str = "auto", runtime: str = "auto", min_face_size: int = 20):
+                 precision: str = "auto", runtime: str = "auto", min_face_size: int = 40):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weights = weights
         self.model = inference_form(weights.model).to(self.device)   # the original stays on the CPU
@@ -174,7 +174,7 @@ class Analyzer:
     @classmethod
     def load(cls, weights_dir: Path | str | None = None, device: str | None = None,
              flip_tta: bool = True, precision: str = "auto", runtime: str = "auto",
-             min_face_size: int = 20) -> Analyzer:
+             min_face_size: int = 40) -> Analyzer:
         return cls(load_weights(Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR), device,
                    flip_tta=flip_tta, precision=precision, runtime=runtime, min_face_size=min_face_size)
 
