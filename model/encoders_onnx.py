@@ -2,9 +2,10 @@
 flip_tta=True)` computes them) as one ONNX graph, run by ONNX Runtime on the CPU.
 
 Why: on a 2-core CPU most of the encoders' time at small batches is PyTorch's
-per-operator overhead, which ONNX Runtime mostly avoids. Measured in one run on
-an AVX2 CPU (AMD EPYC, 2 threads, the encoders as served, faces/s): 75 -> 335
-at batch 1 and 285 -> 422 at batch 32 (benchmarks/encoder_speed.py).
+per-operator overhead, which ONNX Runtime mostly avoids. benchmarks/encoder_speed.py
+on an AVX2 CPU (AMD EPYC), the encoders as served, faces/s PyTorch -> ONNX Runtime:
+one thread 91 -> 243 at batch 1 and 189 -> 246 at batch 32; two threads 107 ->
+288 and 247 -> 462.
 
 The graph is exported once, offline, next to the weights it came from
 (`ipdfer export-onnx`, which needs the `export` extra: onnx, onnxscript), and the

@@ -116,8 +116,9 @@ RUNTIMES = ("auto", "torch", "onnxruntime")
 
 def resolve_runtime(weights: LoadedWeights, device: torch.device, precision: str, runtime: str = "auto") -> str:
     """What runs the per-request encoders. "auto": ONNX Runtime on the CPU in fp32
-    when the weights come with their exported graph (model/encoders_onnx.py: 75 ->
-    335 faces/s at batch 1 on an AVX2 CPU), else PyTorch; "onnxruntime" insists."""
+    when the weights come with their exported graph (model/encoders_onnx.py: 2.7x
+    the faces/s of PyTorch at batch 1 on an AVX2 CPU), else PyTorch; "onnxruntime"
+    insists."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     if runtime == "torch":

@@ -111,8 +111,8 @@ class Settings(BaseSettings):
                                "on (FER2013's); 20 also finds smaller ones at ~1.6x the detection time.")
     runtime: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="What runs the per-request encoders: auto = ONNX Runtime on the CPU in fp32 when "
-                            "the weights folder has its encoders.onnx (ipdfer export-onnx; 4.5x faster at batch "
-                            "1 on an AVX2 CPU), else PyTorch. Renders always run in PyTorch.")
+                            "the weights folder has its encoders.onnx (ipdfer export-onnx; 2.7x the faces/s at "
+                            "batch 1 on an AVX2 CPU), else PyTorch. Renders always run in PyTorch.")
     heap_trim_interval_s: float = Field(2.0, ge=0, description="After a batch, give freed heap memory "
                                         "back to the system (glibc malloc_trim) at most this often per batch "
                                         "loop; 0: never. Without it RSS wandered 15-30% above its start under "
