@@ -11,6 +11,7 @@ Nothing here is CPU- or CUDA-specific: the service picks its device.
     .venv/bin/python benchmarks/load.py                      # ~3-4 min on 2 CPU cores
     .venv/bin/python benchmarks/load.py --mode redis --workers 2
     .venv/bin/python benchmarks/load.py --clients 1,16 --batch-sizes 32,1 --json out.json
+    .venv/bin/python benchmarks/load.py --clients 1,16 --batch-sizes 16,1 --requests 96 --rounds 4
 """
 from __future__ import annotations
 
@@ -141,7 +142,8 @@ def running(mode: str, max_batch_size: int, max_wait_ms: float, workers: int, lo
 
 
 async def level(url: str, images: list[bytes], clients: int, total: int) -> dict:
-    """`clients` closed-loop clients share `total` requests; returns the level's figures."""
+    """`clients` closed-loop clients share `total` requests; returns what they saw
+    (`summarize` turns one or more of these into a row)."""
     latencies: list[float] = []
     batch_sizes: list[int] = []
     stages: dict[str, list[float]] = {k: [] for k in STAGES}
@@ -172,11 +174,25 @@ async def level(url: str, images: list[bytes], clients: int, total: int) -> dict
         t0 = time.perf_counter()
         await asyncio.gather(*[client(c) for _ in range(clients)])
         elapsed = time.perf_counter() - t0
+    return {"clients": clients, "requests": total, "seconds": elapsed, "latencies": latencies,
+            "batch_sizes": batch_sizes, "stages": stages, "errors": errors}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One row from runs of the same level: their requests pooled, throughput = all
+    answered requests / all seconds."""
+    total, elapsed = sum(r["requests"] for r in runs), sum(r["seconds"] for r in runs)
+    errors: dict[int | str, int] = {}
+    for r in runs:
+        for k, n in r["errors"].items():
+            errors[k] = errors.get(k, 0) + n
     ok = total - sum(errors.values())
-    lat = sorted(latencies)
+    lat = sorted(x for r in runs for x in r["latencies"])
+    batch_sizes = [b for r in runs for b in r["batch_sizes"]]
+    stages = {k: [x for r in runs for x in r["stages"][k]] for k in STAGES}
     pct = lambda q: lat[min(len(lat) - 1, max(0, round(q * len(lat)) - 1))] * 1000  # noqa: E731
-    return {"clients": clients, "requests": total, "ok": ok, "errors": errors, "seconds": round(elapsed, 2),
-            "throughput_rps": round(ok / elapsed, 2), "p50_ms": round(pct(0.50), 1),
+    return {"clients": runs[0]["clients"], "requests": total, "ok": ok, "errors": errors,
+            "seconds": round(elapsed, 2), "throughput_rps": round(ok / elapsed, 2), "p50_ms": round(pct(0.50), 1),
             "p99_ms": round(pct(0.99), 1), "mean_batch": round(statistics.mean(batch_sizes), 2) if batch_sizes else 0,
             "stage_ms": {k: round(statistics.mean(v), 2) for k, v in stages.items() if v}}
 
@@ -223,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="16,1", help="max_batch_size configurations to compare")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--requests", type=int, default=16, help="requests per level: max(this, 2 x clients)")
+    p.add_argument("--rounds", type=int, default=1, help="run each level this many times, the configurations' "
+                   "order reversed every other round (A B, B A, ...), and pool them")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEGs to send")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
@@ -233,13 +251,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(targets: dict[str, str]) -> None:
         """Level by level, every configuration back to back (so a change in the
-        machine's other load hits all configurations alike)."""
+        machine's other load hits all configurations alike); with rounds, in
+        alternating order (going first is not always the same configuration's luck)."""
         warm = min(16, max(clients))
         for url in targets.values():  # warm-up, not counted: also meets the batch shapes once
             asyncio.run(level(url, images, warm, 2 * warm))
         for c in clients:
-            for config, url in targets.items():
-                row = {"config": config, **asyncio.run(level(url, images, c, requests_for(c, args.requests)))}
+            runs: dict[str, list[dict]] = {config: [] for config in targets}
+            for r in range(args.rounds):
+                order = list(targets.items())
+                for config, url in (order if r % 2 == 0 else order[::-1]):
+                    runs[config].append(asyncio.run(level(url, images, c, requests_for(c, args.requests))))
+            for config in targets:
+                row = {"config": config, **summarize(runs[config])}
                 rows.append(row)
                 print(f"  {config}: {c} clients -> {row['throughput_rps']} req/s, p50 {row['p50_ms']} ms, "
                       f"p99 {row['p99_ms']} ms, mean batch {row['mean_batch']}", file=sys.stderr, flush=True)
