@@ -12,6 +12,8 @@ Nothing here is CPU- or CUDA-specific: the service picks its device.
     .venv/bin/python benchmarks/load.py --mode redis --workers 2
     .venv/bin/python benchmarks/load.py --clients 1,16 --batch-sizes 32,1 --json out.json
     .venv/bin/python benchmarks/load.py --clients 1,16 --batch-sizes 16,1 --requests 96 --rounds 4
+    .venv/bin/python benchmarks/load.py --clients 1,16 --batch-sizes 16,1 --requests 96 --rounds 2 \
+        --baseline-env IPDFER_RUNTIME=torch,IPDFER_MIN_FACE_SIZE=20
 """
 from __future__ import annotations
 
@@ -74,14 +76,15 @@ def load_images(folder: Path | None, n: int) -> list[bytes]:
 class Service:
     """The API (and, in redis mode, redis-server + workers) as child processes."""
 
-    def __init__(self, mode: str, max_batch_size: int, max_wait_ms: float, workers: int, logdir: Path) -> None:
+    def __init__(self, mode: str, max_batch_size: int, max_wait_ms: float, workers: int, logdir: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.mode, self.workers, self.logdir = mode, workers, logdir
         self.env = {**os.environ, "IPDFER_MAX_BATCH_SIZE": str(max_batch_size),
                     "IPDFER_MAX_WAIT_MS": str(max_wait_ms), "IPDFER_REQUEST_TIMEOUT_S": "600",
                     "IPDFER_QUEUE_MAXLEN": "1024", "IPDFER_LOG_LEVEL": "warning",
-                    "IPDFER_QUEUE_PREFIX": f"bench{self.port}"}
+                    "IPDFER_QUEUE_PREFIX": f"bench{self.port}", **(env or {})}
         self.env.pop("REDIS_URL", None)
         self.env.pop("IPDFER_REDIS_URL", None)
         self.procs: list[subprocess.Popen] = []
@@ -129,8 +132,9 @@ class Service:
 
 
 @contextmanager
-def running(mode: str, max_batch_size: int, max_wait_ms: float, workers: int, logdir: Path) -> Iterator[tuple[str, dict]]:
-    svc = Service(mode, max_batch_size, max_wait_ms, workers, logdir)
+def running(mode: str, max_batch_size: int, max_wait_ms: float, workers: int, logdir: Path,
+            env: dict[str, str] | None = None) -> Iterator[tuple[str, dict]]:
+    svc = Service(mode, max_batch_size, max_wait_ms, workers, logdir, env)
     try:
         ready = svc.start()
         yield svc.url, ready
@@ -200,6 +204,7 @@ def summarize(runs: list[dict]) -> dict:
 # Where a request's time goes, from the replies' timings: queue and decode are the
 # request's own, the model stages are its batch's divided by the batch size.
 STAGES = ("queue", "decode", "detect", "align", "encode", "render", "total")
+BASELINE = " baseline"   # suffix of the configurations run with --baseline-env
 PER_REQUEST = ("queue", "decode", "total")
 
 
@@ -209,24 +214,27 @@ def requests_for(clients: int, base: int) -> int:
 
 def print_table(rows: list[dict]) -> None:
     rows = sorted(rows, key=lambda r: list(dict.fromkeys(x["config"] for x in rows)).index(r["config"]))
-    head = f"{'config':<22} {'clients':>7} {'reqs':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'batch':>6}"
+    head = f"{'config':<31} {'clients':>7} {'reqs':>5} {'ok':>5} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'batch':>6}"
     print(head)
     print("-" * len(head))
     for r in rows:
         err = f"  errors {r['errors']}" if r["errors"] else ""
-        print(f"{r['config']:<22} {r['clients']:>7} {r['requests']:>5} {r['ok']:>5} {r['throughput_rps']:>8.2f} "
+        print(f"{r['config']:<31} {r['clients']:>7} {r['requests']:>5} {r['ok']:>5} {r['throughput_rps']:>8.2f} "
               f"{r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['mean_batch']:>6.2f}{err}")
     print(f"\nper request, ms (model stages: the batch's time / batch size):")
-    print(f"{'config':<22} {'clients':>7} " + " ".join(f"{k:>8}" for k in STAGES))
+    print(f"{'config':<31} {'clients':>7} " + " ".join(f"{k:>8}" for k in STAGES))
     for r in rows:
         st = r.get("stage_ms", {})
-        print(f"{r['config']:<22} {r['clients']:>7} " + " ".join(f"{st.get(k, 0):>8.1f}" for k in STAGES))
+        print(f"{r['config']:<31} {r['clients']:>7} " + " ".join(f"{st.get(k, 0):>8.1f}" for k in STAGES))
     configs = list(dict.fromkeys(r["config"] for r in rows))
-    if len(configs) >= 2:
-        base = {r["clients"]: r for r in rows if r["config"] == configs[-1]}
-        print(f"\nthroughput of '{configs[0]}' / '{configs[-1]}':")
+    ours = [c for c in configs if not c.endswith(BASELINE)]
+    pairs = [(ours[0], ours[-1])] if len(ours) >= 2 else []   # batching / batch size 1
+    pairs += [(c, c + BASELINE) for c in ours if c + BASELINE in configs]
+    for a, b in pairs:
+        base = {r["clients"]: r for r in rows if r["config"] == b}
+        print(f"\nthroughput of '{a}' / '{b}':")
         for r in rows:
-            if r["config"] == configs[0] and r["clients"] in base and base[r["clients"]]["throughput_rps"]:
+            if r["config"] == a and r["clients"] in base and base[r["clients"]]["throughput_rps"]:
                 print(f"  {r['clients']:>3} clients: {r['throughput_rps'] / base[r['clients']]['throughput_rps']:.2f}x")
 
 
@@ -239,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="16,1", help="max_batch_size configurations to compare")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--requests", type=int, default=16, help="requests per level: max(this, 2 x clients)")
+    p.add_argument("--baseline-env", metavar="NAME=VALUE,...",
+                   help="also run every configuration with these settings (e.g. IPDFER_RUNTIME=torch,"
+                        "IPDFER_MIN_FACE_SIZE=20), in the same run, and print the ratios to it")
     p.add_argument("--rounds", type=int, default=1, help="run each level this many times, the configurations' "
                    "order reversed every other round (A B, B A, ...), and pool them")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEGs to send")
@@ -275,15 +286,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="ipdfer-bench-") as logdir, ExitStack() as stack:
             targets = {}
-            for b in [int(x) for x in args.batch_sizes.split(",")]:
-                config = f"batch<={b}" + (f",wait={args.max_wait_ms:g}ms" if b > 1 else "")
-                print(f"starting {args.mode} service with {config} ...", file=sys.stderr, flush=True)
-                url, ready = stack.enter_context(running(args.mode, b, args.max_wait_ms, args.workers, Path(logdir)))
-                meta["device"] = ready["workers"][0].get("device")
-                targets[config] = url
+            variants = {"": {}}
+            if args.baseline_env:
+                variants[BASELINE] = dict(kv.split("=", 1) for kv in args.baseline_env.split(","))
+                meta["baseline_env"] = variants[BASELINE]
+            for suffix, env in variants.items():
+                for b in [int(x) for x in args.batch_sizes.split(",")]:
+                    config = f"batch<={b}" + (f",wait={args.max_wait_ms:g}ms" if b > 1 else "") + suffix
+                    print(f"starting {args.mode} service with {config} ...", file=sys.stderr, flush=True)
+                    url, ready = stack.enter_context(running(args.mode, b, args.max_wait_ms, args.workers,
+                                                             Path(logdir), env))
+                    meta["device"] = ready["workers"][0].get("device")
+                    targets[config] = url
             measure(targets)
     print(f"\nIPD-FER load test: mode={meta['mode']} device={meta.get('device')} "
-          f"images={meta['image_count']} (JPEG, POST /predict raw body), closed loop\n")
+          f"images={meta['image_count']} (JPEG, POST /predict raw body), closed loop"
+          + (f"; '{BASELINE.strip()}' = {meta['baseline_env']}" if "baseline_env" in meta else "") + "\n")
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
