@@ -76,7 +76,7 @@ def compare_min_face(root, folder: str, sizes: list[int], batch: int) -> None:
                      for x, y in zip(first, out) if x and y]
             print(f"{name:18s} min face {m:3d}: found {n}/{len(images)} ({n / len(images):.2%}), "
                   f"{ms:.1f} ms an image, landmarks vs min face {sizes[0]}: median "
-                  f"{np.median(moved):.2f} px", flush=True)
+                  f"{np.median(moved) if moved else float('nan'):.2f} px", flush=True)
 
 
 def main() -> None:

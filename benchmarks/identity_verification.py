@@ -52,7 +52,8 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     ap.add_argument("--pairs", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--min-face-size", type=int, default=20, help="MTCNN's smallest face (IPDFER_MIN_FACE_SIZE)")
+    ap.add_argument("--min-face-size", type=int, default=40,
+                    help="MTCNN's smallest face (the service's IPDFER_MIN_FACE_SIZE, default 40; 20 before)")
     args = ap.parse_args()
     image_dir = args.shared / "data" / "muxspace" / "images"
     same, diff = sample_pairs([p.name for p in image_dir.iterdir()], args.pairs, args.seed)

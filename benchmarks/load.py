@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEGs to send")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     clients = [int(c) for c in args.clients.split(",")]
     images = load_images(args.images, 64)
     rows: list[dict] = []

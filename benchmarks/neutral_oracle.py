@@ -126,8 +126,9 @@ def main() -> None:
     for name, v in closer.items():
         print(f"regions replaced by {name:40s} closer than the input: {np.mean(v):.1%}")
     if args.geometry:
-        print(f"five-point geometry ({len(next(iter(nearer.values())))} photos; {unmeasured} with a crop "
-              f"where MTCNN found no face): nearer the person's neutral geometry than the input's")
+        print(f"five-point geometry ({len(next(iter(nearer.values())))} photos; {unmeasured} left out: no face "
+              f"found on the input or an edit, or on none of the person's other neutral photos): nearer the "
+              f"person's neutral geometry than the input's")
         for name, v in nearer.items():
             print(f"  {name:48s} {np.mean(v):.1%}")
 

@@ -61,7 +61,8 @@ class OnnxEncoders:
         import onnxruntime as ort
         digest = sha256_file(path)
         if digest != sha256:
-            raise ValueError(f"{path} sha256 {digest[:12]}… does not match the manifest's {sha256[:12]}…")
+            raise ValueError(f"{path} sha256 {digest[:12]}… does not match the manifest's {sha256[:12]}…: "
+                             f"re-export it (ipdfer export-onnx) or set IPDFER_RUNTIME=torch")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -94,24 +95,26 @@ def export_onnx(weights_dir: Path, opset: int = 18, check_batches: tuple[int, ..
     program = torch.onnx.export(served, (torch.zeros(2, 1, s, s),), dynamo=True, opset_version=opset,
                                 input_names=[INPUT], output_names=list(OUTPUTS),
                                 dynamic_shapes=({0: batch},), verbose=False)
-    path = weights_dir / ONNX_FILE
-    atomic_write(path, lambda tmp: program.save(str(tmp)))
+    worst = 0.0
+
+    def save_checked(tmp: Path) -> None:  # a graph that fails the check never replaces the old one
+        nonlocal worst
+        program.save(str(tmp))
+        runner = OnnxEncoders(tmp, sha256_file(tmp), threads=torch.get_num_threads())
+        generator = torch.Generator().manual_seed(0)
+        for n in check_batches:
+            x = torch.rand(n, 1, s, s, generator=generator) * 2 - 1
+            with torch.inference_mode():
+                expected = served(x)
+            got = runner(x)
+            worst = max(worst, *(float((got[k] - e).abs().max()) for k, e in zip(OUTPUTS, expected)))
+        if worst > 1e-3:
+            raise RuntimeError(f"the exported graph differs from PyTorch by {worst:.2e}: not kept")
+
+    path = atomic_write(weights_dir / ONNX_FILE, save_checked)
     entry = {"file": ONNX_FILE, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
              "source_sha256": loaded.manifest["sha256"], "opset": opset, "torch": torch.__version__,
-             "outputs": list(OUTPUTS)}
-    runner = OnnxEncoders(path, entry["sha256"], threads=torch.get_num_threads())
-    worst = 0.0
-    generator = torch.Generator().manual_seed(0)
-    for n in check_batches:
-        x = torch.rand(n, 1, s, s, generator=generator) * 2 - 1
-        with torch.inference_mode():
-            expected = served(x)
-        got = runner(x)
-        worst = max(worst, *(float((got[k] - e).abs().max()) for k, e in zip(OUTPUTS, expected)))
-    if worst > 1e-3:
-        path.unlink()
-        raise RuntimeError(f"the exported graph differs from PyTorch by {worst:.2e}: not kept")
-    entry["max_abs_diff"] = float(np.float32(worst))
+             "outputs": list(OUTPUTS), "max_abs_diff": float(np.float32(worst))}
     manifest = {**loaded.manifest, "onnx": entry}
     atomic_write_text(weights_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return entry

@@ -114,19 +114,21 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
 RUNTIMES = ("auto", "torch", "onnxruntime")
 
 
-def resolve_runtime(weights: LoadedWeights, device: torch.device, precision: str, runtime: str = "auto") -> str:
+def resolve_runtime(weights: LoadedWeights, device: torch.device, precision: str, runtime: str = "auto",
+                    flip_tta: bool = True) -> str:
     """What runs the per-request encoders. "auto": ONNX Runtime on the CPU in fp32
-    when the weights come with their exported graph (model/encoders_onnx.py: 2.7x
-    the faces/s of PyTorch at batch 1 on an AVX2 CPU), else PyTorch; "onnxruntime"
-    insists."""
+    with the mirror pass (the graph's computation) when the weights come with their
+    exported graph (model/encoders_onnx.py: 2.7x the faces/s of PyTorch at batch 1
+    on an AVX2 CPU), else PyTorch; "onnxruntime" insists."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     if runtime == "torch":
         return runtime
     from model.encoders_onnx import onnx_entry
-    usable = device.type == "cpu" and precision == "fp32"
+    usable = device.type == "cpu" and precision == "fp32" and flip_tta
     if runtime == "onnxruntime" and not usable:
-        raise ValueError(f"runtime onnxruntime runs fp32 on the CPU, not {precision} on {device.type}")
+        raise ValueError(f"runtime onnxruntime runs fp32 on the CPU with the mirror pass (flip_tta), not "
+                         f"{precision} on {device.type}" + ("" if flip_tta else " without it"))
     if runtime == "auto":
         return "onnxruntime" if usable and onnx_entry(weights) is not None else "torch"
     return runtime
@@ -166,7 +168,7 @@ class Analyzer:
         self.last_timings: dict[str, float] = {}
         self.precision = resolve_precision(self.device, precision)
         self._autocast = autocast_for(self.device, self.precision)
-        self.runtime = resolve_runtime(weights, self.device, self.precision, runtime)
+        self.runtime = resolve_runtime(weights, self.device, self.precision, runtime, flip_tta)
         self._onnx = None
         if self.runtime == "onnxruntime":  # the per-request encoders; renders stay in PyTorch
             from model.encoders_onnx import load_onnx_encoders

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.encoders_onnx import ONNX_FILE, export_onnx, onnx_entry
+from model.encoders_onnx import ONNX_FILE, export_onnx, load_onnx_encoders, onnx_entry
 from model.fileio import sha256_file
 from model.images import load_image
-from model.inference import Analyzer, resolve_runtime
+from model.inference import Analyzer, inference_form, resolve_runtime
 from model.nets.networks import IPDFER
 from model.weights import DEFAULT_WEIGHTS_DIR, MANIFEST, load_weights, save_weights
 
@@ -35,6 +35,7 @@ def test_the_committed_graph_was_exported_from_the_committed_weights():
 def test_onnx_runtime_predicts_what_pytorch_predicts_on_real_faces(analyzers, shared_dir):
     onnx, torch_ = analyzers
     files = sorted((shared_dir / "data" / "muxspace" / "images").glob("*.jpg"))[:12]
+    assert len(files) == 12, shared_dir
     images = [load_image(f) for f in files]
     # 12 faces in one batch: beyond JOINT_MIRROR_MAX, where PyTorch takes two passes
     for batch in (images[:1], images):
@@ -51,13 +52,30 @@ def test_onnx_runtime_predicts_what_pytorch_predicts_on_real_faces(analyzers, sh
                 assert abs(fa.pose[k] - fb.pose[k]) <= 0.02, k
 
 
+def test_the_committed_graph_computes_what_todays_code_computes():
+    """A later change to encode() or the heads (not to the weights) would leave the
+    graph computing the old thing: compared here on random faces, no data needed."""
+    weights = load_weights(DEFAULT_WEIGHTS_DIR)
+    onnx = load_onnx_encoders(weights, threads=1)
+    served = inference_form(weights.model)
+    x = torch.rand(5, 1, weights.config.image_size, weights.config.image_size,
+                   generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.inference_mode():
+        want = served.encode(x, flip_tta=True)
+    got = onnx(x)
+    for key in ("probs", "logits", "pose", "exp", "pose_feat"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=key)
+
+
 def test_the_graph_of_other_weights_is_never_used(tmp_path):
     for name in ("ipdfer.pt", MANIFEST, ONNX_FILE):
         shutil.copy(DEFAULT_WEIGHTS_DIR / name, tmp_path / name)
     assert Analyzer.load(tmp_path, device="cpu").runtime == "onnxruntime"
-    # other weights in the folder: the old graph no longer matches them
+    # other weights in the folder, the old graph's record kept: it no longer matches them
+    entry = json.loads((tmp_path / MANIFEST).read_text())["onnx"]
     torch.manual_seed(1)
-    save_weights(IPDFER(ModelConfig()).eval(), tmp_path, version="0.0.1", trained=False)
+    save_weights(IPDFER(ModelConfig()).eval(), tmp_path, version="0.0.1", trained=False, extra={"onnx": entry})
+    assert json.loads((tmp_path / MANIFEST).read_text())["onnx"]["source_sha256"] == entry["source_sha256"]
     assert Analyzer.load(tmp_path, device="cpu").runtime == "torch"
     with pytest.raises(FileNotFoundError, match="ipdfer export-onnx"):
         Analyzer.load(tmp_path, device="cpu", runtime="onnxruntime")
@@ -80,6 +98,10 @@ def test_onnx_runtime_is_fp32_on_the_cpu_only():
             resolve_runtime(weights, torch.device(device), precision, "onnxruntime")
     with pytest.raises(ValueError, match="unknown runtime"):
         Analyzer.load(device="cpu", runtime="tensorrt")
+    # the graph is the encoders with the mirror pass: without it, PyTorch runs them
+    assert Analyzer.load(device="cpu", flip_tta=False).runtime == "torch"
+    with pytest.raises(ValueError, match="mirror pass"):
+        Analyzer.load(device="cpu", flip_tta=False, runtime="onnxruntime")
 
 
 def test_export_writes_a_graph_that_matches_and_records_it(tmp_path):

@@ -566,3 +566,14 @@ def test_a_photo_of_hundreds_of_faces_costs_a_bounded_detection(muxspace):
     found = detector.detect([np.asarray(canvas)])[0]
     assert 0 < seen["rnet"] <= 400 and 0 < seen["onet"] <= 100, seen
     assert 50 <= len(found) <= 100, len(found)
+
+
+def test_aligned_crops_are_located_as_preparation_located_them_whatever_the_served_detector():
+    """`aligned=true` crops must be aligned as the training crops were (`ipdfer prepare`:
+    MTCNN min face 40 on small crops, 20 on the rest), even when the service looks
+    for larger faces in photos (IPDFER_MIN_FACE_SIZE)."""
+    from model.faces.preprocess import CROP_SMALL_MIN_FACE, FacePipeline
+    pipeline = FacePipeline(FaceDetector(min_face_size=60))
+    assert pipeline.crops.small.min_face_size == CROP_SMALL_MIN_FACE
+    assert pipeline.crops.large.min_face_size == FaceDetector().min_face_size == 20
+    assert pipeline.detector.min_face_size == 60

@@ -149,8 +149,8 @@ class FacePipeline:
 
     @property
     def crops(self) -> CropLocator:
-        if self._crops is None:
-            self._crops = CropLocator(device=self.device, large=self.detector)
+        if self._crops is None:  # its own detectors, as `ipdfer prepare` located training crops
+            self._crops = CropLocator(device=self.device)
         return self._crops
 
     def _face(self, image: np.ndarray, landmarks: np.ndarray,
