@@ -53,6 +53,19 @@ def compare_caps(root, caps=(600_000, 8_000_000)) -> None:
             print(f"{side} px photos, batches of 8, ms an image: " + ", ".join(row), flush=True)
 
 
+def detect_all(detector: FaceDetector, images: list[np.ndarray], batch: int) -> tuple[list, float]:
+    """Every image's faces, sent in batches, and the seconds it took."""
+    t0, out = time.perf_counter(), []
+    for s in range(0, len(images), batch):
+        out += detector.detect(images[s:s + batch])
+    return out, time.perf_counter() - t0
+
+
+def landmark_moves(a: list, b: list) -> list[float]:
+    """Largest landmark difference (px) of the best face, per image found by both."""
+    return [np.abs(np.asarray(x[0].landmarks) - np.asarray(y[0].landmarks)).max() for x, y in zip(a, b) if x and y]
+
+
 def compare_min_face(root, folder: str, sizes: list[int], batch: int) -> None:
     """The served detector at each MTCNN min_face_size: faces found and ms an image
     on the folder (FER2013 test crops: 48 px, enlarged 3x) and on muxspace photos
@@ -66,14 +79,11 @@ def compare_min_face(root, folder: str, sizes: list[int], batch: int) -> None:
         first = None
         for m, detector in detectors.items():
             detector.detect(images[:batch])  # warm-up
-            t0, out = time.perf_counter(), []
-            for s in range(0, len(images), batch):
-                out += detector.detect(images[s:s + batch])
-            ms = 1000 * (time.perf_counter() - t0) / len(images)
+            out, seconds = detect_all(detector, images, batch)
+            ms = 1000 * seconds / len(images)
             n = sum(1 for faces in out if faces)
             first = first or out
-            moved = [np.abs(np.asarray(x[0].landmarks) - np.asarray(y[0].landmarks)).max()
-                     for x, y in zip(first, out) if x and y]
+            moved = landmark_moves(first, out)
             print(f"{name:18s} min face {m:3d}: found {n}/{len(images)} ({n / len(images):.2%}), "
                   f"{ms:.1f} ms an image, landmarks vs min face {sizes[0]}: median "
                   f"{np.median(moved) if moved else float('nan'):.2f} px", flush=True)
@@ -100,18 +110,14 @@ def main() -> None:
 
     found = {}
     for name, detector in (("served (channels-last)", FaceDetector()), ("NCHW", nchw(FaceDetector()))):
-        t0, out = time.perf_counter(), []
-        for s in range(0, len(images), args.batch):
-            out += detector.detect(images[s:s + args.batch])
-        seconds = time.perf_counter() - t0
+        out, seconds = detect_all(detector, images, args.batch)
         found[name] = out
         n = sum(1 for faces in out if faces)
         print(f"{name:24s} face found {n}/{len(images)} ({n / len(images):.2%})  {seconds:.1f} s "
               f"({1000 * seconds / len(images):.1f} ms an image)")
     a, b = found.values()
     same = sum(bool(x) == bool(y) for x, y in zip(a, b))
-    diff = max((np.abs(np.asarray(x[0].landmarks) - np.asarray(y[0].landmarks)).max()
-                for x, y in zip(a, b) if x and y), default=0.0)
+    diff = max(landmark_moves(a, b), default=0.0)
     print(f"same found / not found: {same}/{len(images)}; largest landmark difference {diff:.1e} px")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.fileio import atomic_write, atomic_write_text, sha256_file
+from model.fileio import atomic_write, atomic_write_text, require_sha256, sha256_file
 from model.weights import MANIFEST, LoadedWeights, load_weights
 
 ONNX_FILE = "encoders.onnx"
@@ -59,10 +59,7 @@ class OnnxEncoders:
 
     def __init__(self, path: Path, sha256: str, threads: int) -> None:
         import onnxruntime as ort
-        digest = sha256_file(path)
-        if digest != sha256:
-            raise ValueError(f"{path} sha256 {digest[:12]}… does not match the manifest's {sha256[:12]}…: "
-                             f"re-export it (ipdfer export-onnx) or set IPDFER_RUNTIME=torch")
+        require_sha256(path, sha256, ": re-export it (ipdfer export-onnx) or set IPDFER_RUNTIME=torch")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

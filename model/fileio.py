@@ -20,6 +20,13 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def require_sha256(path: str | Path, expected: str, fix: str = "") -> None:
+    """Raise ValueError unless the file's sha256 is `expected` (`fix`: what to do then)."""
+    digest = sha256_file(path)
+    if digest != expected:
+        raise ValueError(f"{path} sha256 {digest[:12]}… does not match the manifest's {expected[:12]}…{fix}")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object], suffix: str | None = None) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it over
     `path`. `suffix` keeps the extension writers such as np.save/np.savez insist on."""

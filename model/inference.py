@@ -19,7 +19,6 @@ from PIL import Image
 
 from model import faces as facelib
 from model.labels import EXPRESSIONS
-from model.nets.networks import IPDFER
 from model.nets.serving import inference_form
 from model.weights import DEFAULT_WEIGHTS_DIR, LoadedWeights, load_weights
 

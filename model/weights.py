@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from model.fileio import atomic_write, atomic_write_text, sha256_file
+from model.fileio import atomic_write, atomic_write_text, require_sha256, sha256_file
 from model.paths import WEIGHTS_DIR
 from model.config import ModelConfig, from_dict, to_dict
 from model.nets.networks import IPDFER
@@ -62,10 +62,7 @@ def load_weights(weights_dir: Path = DEFAULT_WEIGHTS_DIR) -> LoadedWeights:
         raise FileNotFoundError(f"no {MANIFEST} in {weights_dir}: export weights first (ipdfer export)")
     manifest = json.loads(manifest_path.read_text())
     file = weights_dir / manifest["file"]
-    digest = sha256_file(file)
-    if digest != manifest["sha256"]:
-        raise ValueError(f"{file} sha256 {digest[:12]}… does not match the manifest's "
-                         f"{manifest['sha256'][:12]}…")
+    require_sha256(file, manifest["sha256"])
     blob = torch.load(file, map_location="cpu", weights_only=True)
     cfg = from_dict(ModelConfig, blob["model_config"])
     model = IPDFER(cfg)
