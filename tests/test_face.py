@@ -549,6 +549,31 @@ def test_bounded_mtcnn_equals_facenet_pytorch_below_its_bounds(detector, muxspac
                 np.testing.assert_allclose(p[mine], rpts[ref], atol=1e-3)
 
 
+def test_summed_area_resampling_equals_torch_area_interpolation():
+    """MTCNN's crops and pyramid come from summed-area tables; facenet-pytorch resamples
+    with `interpolate(mode="area")`. Same means for shrinking, enlarging (regions
+    smaller than the output), thin and one-pixel regions, and non-square outputs."""
+    import torch.nn.functional as F
+
+    from model.faces.mtcnn import AreaResampler
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 61, 47, 3), dtype=np.uint8)
+    reference = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    sampler = AreaResampler(images)
+    k = 40
+    y0, x0 = rng.integers(0, 60, k), rng.integers(0, 46, k)
+    y1, x1 = y0 + 1 + rng.integers(0, 61 - y0), x0 + 1 + rng.integers(0, 47 - x0)
+    inds = rng.integers(0, 3, k)
+    for size in ((24, 24), (48, 48), (7, 13)):
+        got = sampler(inds, y0, y1, x0, x1, size)
+        for j in range(k):
+            want = F.interpolate(reference[inds[j]:inds[j] + 1, :, y0[j]:y1[j], x0[j]:x1[j]], size=size, mode="area")
+            np.testing.assert_allclose(got[j], want[0].permute(1, 2, 0).numpy(), atol=1e-4)
+    np.testing.assert_allclose(sampler.whole((20, 33)),
+                               F.interpolate(reference, size=(20, 33), mode="area").permute(0, 2, 3, 1).numpy(),
+                               atol=1e-4)
+
+
 def test_a_photo_of_hundreds_of_faces_costs_a_bounded_detection(muxspace):
     """A 1280x1280 photo tiled with 841 faces sent ~8,000 crops through MTCNN's second
     network and ~3,800 through its third (about a minute on 2 cores); now each image
