@@ -127,14 +127,18 @@ def detect_faces(images: np.ndarray, mtcnn, max_candidates: int = 400, max_refin
         scales.append(m * mtcnn.factor ** len(scales))
         minl *= mtcnn.factor
     boxes, image_inds = [], []
-    for scale in scales:
+    levels = []
+    for level, scale in enumerate(scales):
         data = _network_input(sampler.whole((int(h * scale + 1), int(w * scale + 1))))
         reg, probs = pnet(data.to(mtcnn.device))
         b, ii = generateBoundingBox(reg, probs[:, 1], scale, threshold[0])
-        pick = batched_nms(b[:, :4], b[:, 4], ii, 0.5)
-        boxes.append(b[pick])
-        image_inds.append(ii[pick])
+        boxes.append(b)
+        image_inds.append(ii)
+        levels.append(torch.full_like(ii, level))
     boxes, image_inds = torch.cat(boxes), torch.cat(image_inds)
+    # facenet-pytorch's NMS per level and image, in one call: (image, level) pairs as categories
+    pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds * len(scales) + torch.cat(levels), 0.5)
+    boxes, image_inds = boxes[pick], image_inds[pick]
     pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
     boxes, image_inds = boxes[pick], image_inds[pick]
     keep = _best_per_image(boxes[:, 4], image_inds, max_candidates)
