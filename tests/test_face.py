@@ -574,6 +574,26 @@ def test_summed_area_resampling_equals_torch_area_interpolation():
                                atol=1e-4)
 
 
+def test_mtcnn_crops_boxes_partly_outside_as_facenet_pytorch_and_drops_boxes_wholly_outside():
+    from facenet_pytorch.models.utils.detect_face import imresample, pad
+
+    from model.faces.mtcnn import AreaResampler, _crops, _with_pixels
+    images = np.random.default_rng(1).integers(0, 256, (2, 50, 70, 3), dtype=np.uint8)
+    boxes = torch.tensor([[10.3, 5.7, 40.2, 30.9, .9],   # inside
+                          [-8.0, -3.0, 20.0, 12.0, .9],  # over the top-left corner
+                          [60.0, 40.0, 90.0, 66.0, .9],  # over the bottom-right corner
+                          [0.5, 0.2, 1.4, 1.1, .9],      # one pixel, enlarged
+                          [80.0, 10.0, 95.0, 30.0, .9]])  # wholly right of the image
+    kept, inds = _with_pixels(boxes, torch.tensor([0, 1, 0, 1, 0]), 70, 50)
+    assert torch.equal(kept, boxes[:4])
+    got = _crops(AreaResampler(images), kept, inds, 70, 50, 24)
+    reference = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    y, ey, x, ex = pad(kept, 70, 50)
+    want = torch.cat([imresample(reference[inds[k], :, y[k] - 1:ey[k], x[k] - 1:ex[k]].unsqueeze(0), (24, 24))
+                      for k in range(len(kept))])
+    np.testing.assert_allclose(got.numpy(), ((want - 127.5) * 0.0078125).numpy(), atol=1e-5)
+
+
 def test_a_photo_of_hundreds_of_faces_costs_a_bounded_detection(muxspace):
     """A 1280x1280 photo tiled with 841 faces sent ~8,000 crops through MTCNN's second
     network and ~3,800 through its third (about a minute on 2 cores); now each image

@@ -69,7 +69,7 @@ class FaceDetector:
         self.upscale_factor = upscale_factor
         self.pad_fraction = pad_fraction
         self.batch_size = batch_size
-        # padded pixels per MTCNN call (held as float32, ~12 B a pixel). Bigger calls
+        # padded pixels per MTCNN call (its summed-area table: int32, 12 B a pixel). Bigger calls
         # outgrow the caches: benchmarks/detection_speed.py --caps, 640 px photos in
         # batches of 8, 82 ms an image at 600,000 against 105 at 8 M; 224 px unchanged
         self.batch_pixels = batch_pixels
