@@ -135,8 +135,7 @@ def detect_faces(images: np.ndarray, mtcnn, max_candidates: int = 400, max_refin
     while minl >= 12:
         scales.append(m * mtcnn.factor ** len(scales))
         minl *= mtcnn.factor
-    boxes, image_inds = [], []
-    levels = []
+    boxes, image_inds, levels = [], [], []
     for level, scale in enumerate(scales):
         data = _network_input(sampler.whole((int(h * scale + 1), int(w * scale + 1))))
         reg, probs = pnet(data.to(mtcnn.device))
