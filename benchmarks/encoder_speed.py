@@ -1,5 +1,6 @@
 """Faces per second of the exported encoders (E_exp + E_pose, the per-request
-path, with the mirror-image pass the service runs by default) and of the neutral
+path, as the weights are served: with the mirror-image pass, or in one pass for a
+distilled student, `flip_tta` in their config) and of the neutral
 render (E_id + encoders + G; the editor renders render_size²), at batch 1 and 32,
 for each numeric precision in one run (ratios are comparable; absolute figures
 depend on what else the machine runs).
@@ -7,7 +8,7 @@ depend on what else the machine runs).
     .venv/bin/python benchmarks/encoder_speed.py [--weights weights] [--device cpu] [--precisions fp32,bf16]
 
 On the CPU it also times the served encoders in ONNX Runtime (weights/encoders.onnx,
-`IPDFER_RUNTIME`; fp32, with the mirror pass; renders always run in PyTorch).
+`IPDFER_RUNTIME`; fp32, as served; renders always run in PyTorch).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def main() -> None:
     model = inference_form(weights.model).to(device)
     identity = load_identity_encoder(device=args.device)
     s = model.cfg.image_size
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}, image {s}x{s}")
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, image {s}x{s}, "
+          f"served {'with' if model.cfg.flip_tta else 'without'} the mirror pass")
     print(f"{'precision':>9} {'batch':>5} {'encoders faces/s':>17} {'(no mirror pass)':>17} "
           f"{'neutral render faces/s':>23}")
     for precision in args.precisions.split(","):
@@ -57,7 +59,7 @@ def main() -> None:
             r = model.cfg.render_size if model.edits_input else s   # the editor renders a larger crop
             large = torch.rand(batch, 1, r, r, device=device) * 2 - 1
             with torch.inference_mode(), autocast_for(device, precision):
-                served = lambda: model.encode(x, flip_tta=True)  # noqa: E731
+                served = lambda: model.encode(x, flip_tta=model.cfg.flip_tta)  # noqa: E731
                 plain = lambda: model.encode(x)  # noqa: E731
                 render = lambda: model.render(identity(chips), model.encode(x)["pose_feat"],  # noqa: E731
                                               face=x, target=large if model.edits_input else None)

@@ -1,9 +1,11 @@
-"""Does a numeric precision change predictions? FER2013 PrivateTest through the
-service's own path for face crops (`Analyzer`, aligned=True, as `ipdfer predict
---aligned` runs it), once per precision, in one run: accuracy, agreement of the
-top label with fp32, largest probability difference, and encoder time.
+"""Does a numeric precision (or skipping the mirror pass) change predictions?
+FER2013 PrivateTest through the service's own path for face crops (`Analyzer`,
+aligned=True, as `ipdfer predict --aligned` runs it), once per variant, in one
+run: accuracy, agreement of the top label with the first variant, largest
+probability difference, and encoder time. A variant is a precision, with
+`-noflip` for `flip_tta=False` (IPDFER_FLIP_TTA=false).
 
-    .venv/bin/python benchmarks/precision_accuracy.py [--data ../shared/data] [--precisions fp32,bf16]
+    .venv/bin/python benchmarks/precision_accuracy.py [--data ../shared/data] [--precisions fp32,bf16,fp32-noflip]
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("IPDFER_DATA", REPO.parent / "shared" / "data")),
                     help="folder holding fer2013/test/<emotion>/PrivateTest_*.jpg")
-    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16, each optionally -noflip")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--limit", type=int, help="at most N images")
     args = ap.parse_args()
@@ -36,7 +38,7 @@ def main() -> None:
     images = [load_image(f) for f in files]
     probs, seconds = {}, {}
     for precision in args.precisions.split(","):
-        analyzer = Analyzer.load(precision=precision)
+        analyzer = Analyzer.load(precision=precision.removesuffix("-noflip"), flip_tta=False if precision.endswith("-noflip") else None)
         analyzer.warmup()
         out, t = [], 0.0
         for s in range(0, len(images), args.batch):

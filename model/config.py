@@ -35,6 +35,9 @@ class ModelConfig:
     disc_widths: tuple[int, ...] = (32, 64, 128, 256)
     residue_widths: tuple[int, ...] = (16, 32, 64, 128)
     dropout: float = 0.3
+    # served expression probabilities average the face and its mirror image (flip
+    # TTA); a one-pass student distilled from that average (loss.distill) sets False
+    flip_tta: bool = True
 
 
 @dataclass
@@ -52,6 +55,8 @@ class LossWeights:
     edit_smooth: float = 5.0     # editor: squared differences of neighbouring field values
     neutral_pair: float = 0.0    # editor: 1 - correlation of the neutral render of an expressive photo with the
                                  # same person's real neutral photo, inside the eye/brow + mouth regions (pair_sets)
+    distill: float = 0.0         # KL(the --init model's mirror-averaged probabilities || E_exp's one pass):
+                                 # trains a one-pass student (model.flip_tta false) of a flip-TTA model
     label_smoothing: float = 0.1
 
 

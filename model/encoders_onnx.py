@@ -1,5 +1,5 @@
 """The served encoders (E_exp + E_pose with their heads, as `IPDFER.encode(x,
-flip_tta=True)` computes them) as one ONNX graph, run by ONNX Runtime on the CPU.
+flip_tta=cfg.flip_tta)` computes them) as one ONNX graph, run by ONNX Runtime on the CPU.
 
 Why: on a 2-core CPU most of the encoders' time at small batches is PyTorch's
 per-operator overhead, which ONNX Runtime mostly avoids. benchmarks/encoder_speed.py
@@ -29,9 +29,10 @@ OUTPUTS = ("logits", "probs", "pose", "exp", "pose_feat")
 
 
 class ServedEncoders(torch.nn.Module):
-    """`model.encode(x, flip_tta=True)` for any batch size: the face and its mirror
-    image go through E_exp jointly (the graph has no BatchNorm left to share
-    statistics: `model` is `inference_form`'s copy)."""
+    """`model.encode(x)` as the weights are served (`cfg.flip_tta`) for any batch
+    size: with the mirror pass, the face and its mirror image go through E_exp
+    jointly (the graph has no BatchNorm left to share statistics: `model` is
+    `inference_form`'s copy)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -39,7 +40,7 @@ class ServedEncoders(torch.nn.Module):
         self.model.JOINT_MIRROR_MAX = sys.maxsize  # one graph: the joint pass at every batch size
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model.encode(x, flip_tta=True)
+        out = self.model.encode(x, flip_tta=self.model.cfg.flip_tta)
         return tuple(out[k] for k in OUTPUTS)
 
 

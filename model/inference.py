@@ -115,20 +115,25 @@ RUNTIMES = ("auto", "torch", "onnxruntime")
 
 
 def resolve_runtime(weights: LoadedWeights, device: torch.device, precision: str, runtime: str = "auto",
-                    flip_tta: bool = True) -> str:
-    """What runs the per-request encoders. "auto": ONNX Runtime on the CPU in fp32
-    with the mirror pass (the graph's computation) when the weights come with their
-    exported graph (model/encoders_onnx.py: 2.7x the faces/s of PyTorch at batch 1
-    on an AVX2 CPU), else PyTorch; "onnxruntime" insists."""
+                    flip_tta: bool | None = None) -> str:
+    """What runs the per-request encoders. "auto": ONNX Runtime on the CPU in fp32,
+    with the mirror pass or without it as the weights are served (the graph's
+    computation), when the weights come with their exported graph
+    (model/encoders_onnx.py: 2.7x the faces/s of PyTorch at batch 1 on an AVX2
+    CPU), else PyTorch; "onnxruntime" insists."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     if runtime == "torch":
         return runtime
     from model.encoders_onnx import onnx_entry
-    usable = device.type == "cpu" and precision == "fp32" and flip_tta
+    served = weights.config.flip_tta
+    as_served = flip_tta is None or flip_tta == served
+    usable = device.type == "cpu" and precision == "fp32" and as_served
     if runtime == "onnxruntime" and not usable:
-        raise ValueError(f"runtime onnxruntime runs fp32 on the CPU with the mirror pass (flip_tta), not "
-                         f"{precision} on {device.type}" + ("" if flip_tta else " without it"))
+        mirror = "with" if served else "without"
+        raise ValueError(f"runtime onnxruntime runs fp32 on the CPU {mirror} the mirror pass (as these weights "
+                         f"are served), not {precision} on {device.type}"
+                         + ("" if as_served else f" {'without' if served else 'with'} it"))
     if runtime == "auto":
         return "onnxruntime" if usable and onnx_entry(weights) is not None else "torch"
     return runtime
@@ -148,7 +153,7 @@ class Analyzer:
     one batching loop owns an Analyzer."""
 
     def __init__(self, weights: LoadedWeights, device: str | None = None,
-                 pipeline: facelib.FacePipeline | None = None, flip_tta: bool = True,
+                 pipeline: facelib.FacePipeline | None = None, flip_tta: bool | None = None,
                  precision: str = "auto", runtime: str = "auto", min_face_size: int = 40):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weights = weights
@@ -159,16 +164,17 @@ class Analyzer:
         self.pipeline = pipeline or facelib.FacePipeline(
             facelib.FaceDetector(device=str(self.device), min_face_size=min_face_size),
             size=self.image_size, device=str(self.device), render_size=self.render_size)
-        # Expression probabilities average the face and its mirror image, as in
-        # `ipdfer evaluate` (the model card's figures); False saves E_exp's second
+        # Expression probabilities average the face and its mirror image when the
+        # weights are served so (`flip_tta` in their config; a distilled student
+        # answers in one pass), as in `ipdfer evaluate`. False saves E_exp's second
         # pass (up to half its cost; ~25% at batch <= 8, where the two run jointly).
-        self.flip_tta = flip_tta
+        self.flip_tta = weights.config.flip_tta if flip_tta is None else flip_tta
         self._identity = None   # the dlib port loads on the first neutral request
         # seconds spent by the last analyze(), per stage: detect, align, encode, render
         self.last_timings: dict[str, float] = {}
         self.precision = resolve_precision(self.device, precision)
         self._autocast = autocast_for(self.device, self.precision)
-        self.runtime = resolve_runtime(weights, self.device, self.precision, runtime, flip_tta)
+        self.runtime = resolve_runtime(weights, self.device, self.precision, runtime, self.flip_tta)
         self._onnx = None
         if self.runtime == "onnxruntime":  # the per-request encoders; renders stay in PyTorch
             from model.encoders_onnx import load_onnx_encoders
@@ -176,7 +182,7 @@ class Analyzer:
 
     @classmethod
     def load(cls, weights_dir: Path | str | None = None, device: str | None = None,
-             flip_tta: bool = True, precision: str = "auto", runtime: str = "auto",
+             flip_tta: bool | None = None, precision: str = "auto", runtime: str = "auto",
              min_face_size: int = 40) -> Analyzer:
         return cls(load_weights(Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR), device,
                    flip_tta=flip_tta, precision=precision, runtime=runtime, min_face_size=min_face_size)
@@ -206,7 +212,7 @@ class Analyzer:
     def _encode(self, aligned: list[np.ndarray], flip_tta: bool | None = None) -> dict[str, torch.Tensor]:
         x = facelib.to_model_input(np.stack(aligned)).to(self.device)
         flip_tta = self.flip_tta if flip_tta is None else flip_tta
-        if self._onnx is not None and flip_tta:  # the graph is the encoders with the mirror pass
+        if self._onnx is not None and flip_tta == self.flip_tta:  # the graph is the encoders as served
             return self._onnx(x)
         with self._autocast:
             out = self.model.encode(x, flip_tta=flip_tta)

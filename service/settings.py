@@ -98,9 +98,11 @@ class Settings(BaseSettings):
     weights_dir: Path | None = Field(None, description="Weights folder (manifest + state_dict); "
                                      "unset: the package's weights/.")
     device: str | None = Field(None, description="torch device; unset: cuda if available else cpu.")
-    flip_tta: bool = Field(True, description="Expression probabilities average the face and its mirror "
-                                             "image (as the model card's figures); false skips the mirror pass (encoders "
-                                             "25% faster at batch 1, 40% at 32 on this CPU).")
+    flip_tta: bool | None = Field(None, description="Expression probabilities average the face and its "
+                                  "mirror image (true) or come from the face alone (false); unset: as the weights "
+                                  "are served (`flip_tta` in their config, as the model card's figures). false on "
+                                  "weights served with the mirror pass skips it (encoders 25% faster at batch 1, "
+                                  "40% at 32) and costs accuracy.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Numeric precision of the encoders: auto = fp16 autocast on CUDA, fp32 on the "
                             "CPU. bf16 (CPUs with native bf16: AVX-512 BF16 / AMX) was 11% faster at 16 clients "

@@ -66,3 +66,40 @@ def test_ablation_uses_only_expression_and_pose():
     _, terms = GeneratorObjective(LossWeights())(model, batch_of(), discriminator=None,
                                                  use_identity=False, ablation=True)
     assert set(terms) == {"expression", "pose"}
+
+
+def test_distillation_moves_the_one_pass_towards_the_teachers_mirror_average(shared_dir):
+    """loss.distill: the student's one-pass probabilities learn the flip-TTA
+    average of the teacher (the shipped model) on real faces; the teacher stays."""
+    import copy
+
+    from model.data.datasets import smoke_dataset
+    from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
+    teacher = load_weights(DEFAULT_WEIGHTS_DIR).model.eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).eval()   # eval: BatchNorm keeps the teacher's statistics
+    student.requires_grad_(False)
+    trained = [*student.exp_encoder.parameters(), *student.exp_head.parameters()]
+    for p in trained:
+        p.requires_grad_(True)
+    faces = smoke_dataset(64, shared_dir, n=32)
+    assert len(faces) >= 12
+    batch = {k: torch.stack([faces[i][k] for i in range(len(faces))]) for k in ("image", "label", "pose")}
+    objective = GeneratorObjective(LossWeights(expression=0, pose=0, distill=1), teacher=teacher)
+    opt = torch.optim.Adam(trained, lr=2e-5)
+    before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+    losses = []
+    for _ in range(12):
+        loss, terms = objective(student, batch, discriminator=None, use_identity=False, ablation=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(terms["distill"])
+    with torch.no_grad():
+        one_pass = student.encode(batch["image"])["probs"]
+        target = teacher.encode(batch["image"], flip_tta=True)["probs"]
+        teacher_one_pass = teacher.encode(batch["image"])["probs"]
+    assert losses[0] > 1e-3          # the one pass is not the average to begin with
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert (one_pass - target).abs().mean() < 0.7 * (teacher_one_pass - target).abs().mean()
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before_teacher[k]), k

@@ -136,6 +136,37 @@ def test_freeze_encoders_trains_the_renderer_and_leaves_predictions_alone(smoke_
     assert not torch.equal(after["decoder.fc.weight"], start["decoder.fc.weight"])
 
 
+def test_distillation_trains_a_one_pass_expression_encoder_and_nothing_else(smoke_run, shared_dir, tmp_path):
+    from model.config import TrainConfig, to_dict
+    parent = tmp_path / "parent"
+    assert main(["export", "--checkpoint", str(smoke_run / "last.pt"), "--out", str(parent)]) == 0
+    cfg = to_dict(TrainConfig())
+    cfg["model"]["flip_tta"] = False
+    cfg["loss"].update(expression=0.0, pose=0.0, distill=1.0)
+    cfg["ablation"] = True
+    (tmp_path / "distill.json").write_text(json.dumps(cfg))
+    run_dir = tmp_path / "distill"
+    args = ["train", str(tmp_path / "distill.json"), "--smoke", "--max-steps", "2", "--run-dir", str(run_dir),
+            "--data-root", str(shared_dir)]
+    with pytest.raises(ValueError, match="--init"):
+        main(args)
+    assert main([*args, "--init", str(parent)]) == 0
+    start = load_weights(parent).model.state_dict()
+    after = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    for k in start:   # pose untouched, E_exp keeps its BatchNorm statistics, G as loaded
+        if k.startswith(("pose_encoder.", "pose_head.", "decoder.")) or "running_" in k:
+            assert torch.equal(after[k].to(start[k].dtype), start[k]), f"{k} changed"
+    w = "exp_encoder.stem.0.weight"
+    assert not torch.equal(after[w].to(start[w].dtype), start[w])
+    log = (run_dir / "log.csv").read_text().splitlines()
+    distill = [float(row.split(",")[log[0].split(",").index("distill")]) for row in log[1:]]
+    assert distill and all(d > 0 for d in distill)
+    # the export answers in one pass; its parent with the mirror pass
+    assert main(["export", "--checkpoint", str(run_dir / "last.pt"), "--out", str(tmp_path / "student")]) == 0
+    assert load_weights(tmp_path / "student").config.flip_tta is False
+    assert load_weights(parent).config.flip_tta is True
+
+
 def _torchrun(args: list[str], tmp_path) -> "subprocess.CompletedProcess":
     import subprocess
     import sys

@@ -64,11 +64,12 @@ class GeneratorObjective(nn.Module):
     degrees, identity (N,128) = E_id of the real face (precomputed)."""
 
     def __init__(self, weights: LossWeights, identity_loss: IdentityLoss | None = None,
-                 identity_subset: int = 8):
+                 identity_subset: int = 8, teacher: IPDFER | None = None):
         super().__init__()
         self.w = weights
         self.identity_loss = identity_loss
         self.identity_subset = identity_subset
+        self.teacher = teacher   # frozen flip-TTA model that a one-pass student learns from (w.distill)
 
     def forward(self, model: IPDFER, batch: dict[str, torch.Tensor], *, discriminator: nn.Module | None,
                 use_identity: bool, ablation: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
@@ -87,6 +88,11 @@ class GeneratorObjective(nn.Module):
         pose_err = F.smooth_l1_loss(enc["pose"] / model.POSE_SCALE, batch["pose"] / model.POSE_SCALE,
                                     reduction="none").mean(1)
         terms["pose"] = (pose_err * valid).sum() / valid.sum().clamp(min=1)
+        if self.teacher is not None:
+            # the teacher's answer averages the face and its mirror; the student gives it in one pass
+            with torch.no_grad():
+                target = self.teacher.encode(x, flip_tta=True)["probs"]
+            terms["distill"] = F.kl_div(enc["logits"].float().log_softmax(1), target, reduction="batchmean")
         if ablation:
             return self._total(terms)
 

@@ -53,10 +53,12 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encode_all(model: IPDFER, images: np.ndarray, batch: int = 256, tta: bool = True,
+def encode_all(model: IPDFER, images: np.ndarray, batch: int = 256, tta: bool | None = None,
                device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
-    """Probabilities (flip-averaged), pose and features for uint8 (N,S,S) faces."""
+    """Probabilities (flip-averaged when `tta`; None = as the weights are served),
+    pose and features for uint8 (N,S,S) faces."""
     outs: dict[str, list] = {"probs": [], "pose": [], "exp": [], "pose_feat": []}
+    tta = model.cfg.flip_tta if tta is None else tta
     for s in range(0, len(images), batch):
         x = to_input(images[s:s + batch]).to(device)
         o = model.encode(x, flip_tta=tta)

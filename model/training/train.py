@@ -90,9 +90,38 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def frozen_parts(model: IPDFER) -> list[torch.nn.Module]:
-    """What `freeze_encoders` keeps fixed: everything that makes a prediction."""
-    return [model.exp_encoder, model.exp_head, model.pose_encoder, model.pose_head]
+def frozen_parts(model: IPDFER, cfg: TrainConfig) -> list[torch.nn.Module]:
+    """What stays as loaded (--init): with `freeze_encoders` everything that makes a
+    prediction; when distilling (loss.distill) the pose encoder and head."""
+    if cfg.freeze_encoders:
+        return [model.exp_encoder, model.exp_head, model.pose_encoder, model.pose_head]
+    if cfg.loss.distill > 0:
+        return [model.pose_encoder, model.pose_head]
+    return []
+
+
+def eval_parts(model: IPDFER, cfg: TrainConfig) -> list[torch.nn.Module]:
+    """What runs in eval mode in the G phase: the frozen parts (BatchNorm statistics
+    stay as loaded, dropout off) and a distilled student, which keeps its teacher's
+    BatchNorm statistics so that it starts as the teacher's own one pass."""
+    return frozen_parts(model, cfg) + ([model.exp_encoder, model.exp_head] if cfg.loss.distill > 0 else [])
+
+
+def load_teacher(cfg: TrainConfig, init: Path | None, device: torch.device) -> IPDFER | None:
+    """The --init model whose mirror-averaged probabilities a one-pass student learns
+    (loss.distill > 0), frozen, in its serving form; None when not distilling."""
+    if cfg.loss.distill <= 0:
+        return None
+    if init is None:
+        raise ValueError("loss.distill learns from the --init weights: give --init WEIGHTS (also when resuming)")
+    if cfg.model.flip_tta:
+        raise ValueError("a distilled student answers in one pass: set model.flip_tta to false")
+    from model.nets.serving import inference_form
+    from model.weights import load_weights
+    teacher = load_weights(init).model
+    if not teacher.cfg.flip_tta:
+        raise ValueError(f"{init} already answers in one pass (flip_tta false): nothing to distill")
+    return inference_form(teacher).to(device).requires_grad_(False)
 
 
 def seed_everything(seed: int) -> None:
@@ -130,6 +159,8 @@ def warm_start(model: IPDFER, weights_dir: Path, cfg: TrainConfig) -> dict:
     from model.weights import load_weights
     loaded = load_weights(weights_dir)
     theirs, ours = to_dict(loaded.config), to_dict(cfg.model)
+    for config in (theirs, ours):  # how predictions are served, not the architecture
+        config.pop("flip_tta")
     same_renderer = theirs["renderer"] == ours["renderer"]
     if not same_renderer:  # a new renderer on trained encoders: G starts fresh, the rest is loaded
         for key in RENDERER_KEYS:
@@ -262,12 +293,12 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.ablation and cfg.loss.neutral_identity > 0:
         from model.faces.identity import load_identity_encoder
         identity_loss = IdentityLoss(load_identity_encoder(device=str(device)), cfg.model.image_size).to(device)
-    objective = GeneratorObjective(cfg.loss, identity_loss, cfg.identity_subset)
-    if cfg.freeze_encoders:
-        if not args.init and not resuming:
-            raise ValueError("freeze_encoders keeps the encoders as loaded: give --init WEIGHTS")
-        for m in frozen_parts(model):
-            m.requires_grad_(False)
+    objective = GeneratorObjective(cfg.loss, identity_loss, cfg.identity_subset,
+                                   teacher=load_teacher(cfg, args.init, device))
+    if cfg.freeze_encoders and not args.init and not resuming:
+        raise ValueError("freeze_encoders keeps the encoders as loaded: give --init WEIGHTS")
+    for m in frozen_parts(model, cfg):
+        m.requires_grad_(False)
     opt_g = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                               weight_decay=cfg.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.d_lr, betas=(0.0, 0.99))
@@ -344,8 +375,8 @@ def run(args: argparse.Namespace) -> int:
             use_gan = not cfg.ablation and step >= cfg.gan_start_step and cfg.loss.adversarial > 0
             # 5a. G phase: encoders, heads, decoder (D frozen)
             disc.requires_grad_(False)
-            for m in frozen_parts(model) if cfg.freeze_encoders else ():
-                m.eval()  # BatchNorm statistics stay as loaded, dropout off
+            for m in eval_parts(model, cfg):
+                m.eval()
             with autocast():  # D is called unwrapped here: no gradient for its parameters in this phase
                 loss_g, terms = g_step(batch, discriminator=disc if use_gan else None,
                                        use_identity=step % cfg.identity_every == 0, ablation=cfg.ablation)
