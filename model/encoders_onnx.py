@@ -125,5 +125,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from model.faces.mtcnn_onnx import SUBFOLDER, export_mtcnn_onnx
     print(json.dumps(export_onnx(args.weights, opset=args.opset)))
+    print(json.dumps({"mtcnn": export_mtcnn_onnx(args.weights / SUBFOLDER, opset=args.opset)}))
     return 0

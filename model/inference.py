@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from model import faces as facelib
+from model.faces.mtcnn_onnx import SUBFOLDER as MTCNN_SUBFOLDER
 from model.labels import EXPRESSIONS
 from model.nets.serving import inference_form
 from model.weights import DEFAULT_WEIGHTS_DIR, LoadedWeights, load_weights
@@ -139,6 +140,13 @@ def resolve_runtime(weights: LoadedWeights, device: torch.device, precision: str
     return runtime
 
 
+def mtcnn_folder(weights: LoadedWeights) -> Path | None:
+    """MTCNN's graphs: beside the served weights when that folder has them (an
+    installed image keeps its weights outside the package), else the shipped ones."""
+    folder = weights.directory / MTCNN_SUBFOLDER if weights.directory else None
+    return folder if folder and (folder / "manifest.json").is_file() else None
+
+
 def autocast_for(device: torch.device | str, precision: str):
     """The autocast context of a resolved precision (fp32: none)."""
     device = torch.device(device)
@@ -162,7 +170,8 @@ class Analyzer:
         # the editing renderer edits a larger crop of the face: served renders are render_size²
         self.render_size = weights.config.render_size if self.model.edits_input else 0
         self.pipeline = pipeline or facelib.FacePipeline(
-            facelib.FaceDetector(device=str(self.device), min_face_size=min_face_size),
+            facelib.FaceDetector(device=str(self.device), min_face_size=min_face_size, runtime=runtime,
+                                 onnx_folder=mtcnn_folder(weights)),
             size=self.image_size, device=str(self.device), render_size=self.render_size)
         # Expression probabilities average the face and its mirror image when the
         # weights are served so (`flip_tta` in their config; a distilled student

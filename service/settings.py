@@ -112,9 +112,11 @@ class Settings(BaseSettings):
                                "as detected (after the 1280 px cap). 40: the smallest faces the model was trained "
                                "on (FER2013's); 20 also finds smaller ones at ~1.6x the detection time.")
     runtime: Literal["auto", "torch", "onnxruntime"] = Field(
-        "auto", description="What runs the per-request encoders: auto = ONNX Runtime on the CPU in fp32 when "
-                            "the weights folder has its encoders.onnx (ipdfer export-onnx; 2.7x the faces/s at "
-                            "batch 1 on an AVX2 CPU), else PyTorch. Renders always run in PyTorch.")
+        "auto", description="What runs the per-request encoders and MTCNN's networks: auto = ONNX Runtime "
+                            "on the CPU in fp32 when the weights folder has its encoders.onnx and weights/mtcnn/ "
+                            "the graphs of the installed facenet-pytorch (ipdfer export-onnx; encoders 2.7x the "
+                            "faces/s at batch 1 on an AVX2 CPU), else PyTorch; each part is chosen on its own. "
+                            "Renders always run in PyTorch.")
     heap_trim_interval_s: float = Field(2.0, ge=0, description="After a batch, give freed heap memory "
                                         "back to the system (glibc malloc_trim) at most this often per batch "
                                         "loop; 0: never. Without it RSS wandered 15-30% above its start under "

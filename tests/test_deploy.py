@@ -453,6 +453,8 @@ def test_weights_and_networks_are_baked_in(dockerfile):
     # the model and its CPU graph, not judge/ or report/
     for src in ("weights/manifest.json", f"weights/{manifest['file']}", f"weights/{manifest['onnx']['file']}"):
         assert dest[src].rstrip("/") == env["IPDFER_WEIGHTS_DIR"], f"{name}: {src} -> {dest[src]}"
+    # MTCNN's graphs, beside the weights where the Analyzer looks for them
+    assert dest["weights/mtcnn/"].rstrip("/") == env["IPDFER_WEIGHTS_DIR"] + "/mtcnn", name
     assert (ROOT / "weights" / manifest["file"]).is_file()
     # the build loads weights, dlib's network (face-recognition-models) and MTCNN
     # (facenet-pytorch) with the network switched off: nothing is left to download

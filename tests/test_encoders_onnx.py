@@ -18,8 +18,10 @@ from model.weights import DEFAULT_WEIGHTS_DIR, MANIFEST, load_weights, save_weig
 
 @pytest.fixture(scope="module")
 def analyzers():
-    return (Analyzer.load(device="cpu", precision="fp32", runtime="onnxruntime"),
-            Analyzer.load(device="cpu", precision="fp32", runtime="torch"))
+    onnx = Analyzer.load(device="cpu", precision="fp32", runtime="onnxruntime")
+    torch_ = Analyzer.load(device="cpu", precision="fp32", runtime="torch")
+    torch_.pipeline = onnx.pipeline   # the same faces (MTCNN's runtime follows the setting too): the encoders differ
+    return onnx, torch_
 
 
 def test_the_committed_graph_was_exported_from_the_committed_weights():
@@ -61,7 +63,7 @@ def test_the_committed_graph_computes_what_todays_code_computes():
     x = torch.rand(5, 1, weights.config.image_size, weights.config.image_size,
                    generator=torch.Generator().manual_seed(3)) * 2 - 1
     with torch.inference_mode():
-        want = served.encode(x, flip_tta=True)
+        want = served.encode(x, flip_tta=weights.config.flip_tta)
     got = onnx(x)
     for key in ("probs", "logits", "pose", "exp", "pose_feat"):
         torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=key)
@@ -98,22 +100,33 @@ def test_onnx_runtime_is_fp32_on_the_cpu_only():
             resolve_runtime(weights, torch.device(device), precision, "onnxruntime")
     with pytest.raises(ValueError, match="unknown runtime"):
         Analyzer.load(device="cpu", runtime="tensorrt")
-    # the graph is the encoders with the mirror pass: without it, PyTorch runs them
-    assert Analyzer.load(device="cpu", flip_tta=False).runtime == "torch"
+    # the graph is the encoders as the weights are served (with or without the
+    # mirror pass): asked the other way, PyTorch runs them
+    other = not weights.config.flip_tta
+    assert Analyzer.load(device="cpu").flip_tta == weights.config.flip_tta
+    assert Analyzer.load(device="cpu", flip_tta=other).runtime == "torch"
     with pytest.raises(ValueError, match="mirror pass"):
-        Analyzer.load(device="cpu", flip_tta=False, runtime="onnxruntime")
+        Analyzer.load(device="cpu", flip_tta=other, runtime="onnxruntime")
 
 
-def test_export_writes_a_graph_that_matches_and_records_it(tmp_path):
+@pytest.mark.parametrize("flip_tta", [True, False], ids=["mirror-pass", "one-pass"])
+def test_export_writes_a_graph_that_matches_and_records_it(tmp_path, flip_tta):
     torch.manual_seed(0)
-    save_weights(IPDFER(ModelConfig()).eval(), tmp_path, version="0.0.1", trained=False)
+    model = IPDFER(ModelConfig(flip_tta=flip_tta)).eval()
+    with torch.no_grad():   # peaked probabilities, so that the mirror pass shows in them
+        model.exp_head[1].weight *= 100
+    save_weights(model, tmp_path, version="0.0.1", trained=False)
     entry = export_onnx(tmp_path, check_batches=(1, 3))
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert manifest["onnx"] == entry
     assert entry["source_sha256"] == manifest["sha256"] and entry["max_abs_diff"] < 1e-4
     onnx = Analyzer.load(tmp_path, device="cpu", runtime="onnxruntime")
     plain = Analyzer.load(tmp_path, device="cpu", runtime="torch")
+    assert onnx.flip_tta is plain.flip_tta is flip_tta
     faces = list(np.random.default_rng(0).integers(0, 256, (5, 64, 64), dtype=np.uint8))
     got, want = onnx._encode(faces), plain._encode(faces)
     for key in ("probs", "logits", "pose", "exp", "pose_feat"):
         torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=key)
+    # the mirror pass changes the probabilities (so the comparison above tells the two apart)
+    other = plain._encode(faces, flip_tta=not flip_tta)
+    assert (other["probs"] - want["probs"]).abs().max() > 1e-3

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import struct
 import time
@@ -531,13 +532,17 @@ def _muxspace_batch(folder: Path, n: int) -> np.ndarray:
 def test_bounded_mtcnn_equals_facenet_pytorch_below_its_bounds(detector, muxspace, astronaut):
     from facenet_pytorch import MTCNN
 
-    from model.faces.mtcnn import _ChannelsLastPool, detect_faces
-    # ours runs channels-last; the reference is facenet-pytorch's own, untouched
+    from model.faces.mtcnn import TorchNets, _ChannelsLastPool, detect_faces
+    from model.faces.mtcnn_onnx import OnnxNets
+    # ours runs channels-last in PyTorch, or in ONNX Runtime (the served default on
+    # the CPU); the reference is facenet-pytorch's own, untouched
     assert isinstance(detector.mtcnn.pnet.pool1, _ChannelsLastPool)
+    assert isinstance(detector.nets, OnnxNets)
     reference = MTCNN(keep_all=True, min_face_size=detector.min_face_size)
-    for batch in (_muxspace_batch(muxspace, 8), astronaut[None]):
+    for batch, nets in itertools.product((_muxspace_batch(muxspace, 8), astronaut[None]),
+                                         (TorchNets(detector.mtcnn), detector.nets)):
         with torch.inference_mode():
-            ours = detect_faces(batch, detector.mtcnn)
+            ours = detect_faces(batch, detector.mtcnn, nets=nets)
             boxes, probs, points = reference.detect(batch, landmarks=True)
         for (b, p), rb, rp, rpts in zip(ours, boxes, probs, points):
             assert len(b) == (0 if rb is None else len(rb))

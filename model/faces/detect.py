@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -54,13 +55,18 @@ class FaceDetector:
                  upscale_small: bool = True, small_side: int = 96,
                  upscale_factor: float = 3.0, pad_fraction: float = 0.1,
                  batch_size: int = 16, batch_pixels: int = 600_000,
-                 max_candidates: int = 400, max_refine: int = 100) -> None:
+                 max_candidates: int = 400, max_refine: int = 100, runtime: str = "auto",
+                 onnx_folder: Path | None = None) -> None:
         from facenet_pytorch import MTCNN  # imported here: decoding and alignment don't need it
 
         from model.faces.mtcnn import channels_last
+        from model.faces.mtcnn_onnx import FOLDER, select_nets
 
         self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=min_face_size)
         channels_last(self.mtcnn)
+        # MTCNN's networks: ONNX Runtime on the CPU where `onnx_folder` (default: the
+        # shipped weights/mtcnn/) holds their graphs
+        self.nets = select_nets(self.mtcnn, runtime, onnx_folder or FOLDER)
         self.min_face_size = min_face_size
         self.min_score = min_score
         self.max_side = max_side
@@ -113,7 +119,7 @@ class FaceDetector:
                 chunk = idx[start:start + per_batch]
                 batch = np.stack([prepared[i] for i in chunk])
                 with torch.inference_mode():
-                    found = detect_faces(batch, self.mtcnn, self.max_candidates, self.max_refine)
+                    found = detect_faces(batch, self.mtcnn, self.max_candidates, self.max_refine, self.nets)
                 for i, (boxes, points) in zip(chunk, found):
                     results[i] = self._detections(boxes[:, :4], boxes[:, 4], points, *mappings[i])
         self.last_seconds = time.perf_counter() - started

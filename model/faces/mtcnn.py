@@ -9,7 +9,8 @@ after the same non-maximum suppression), so a crowded photo costs about what a
 photo with that many faces costs. Below the bounds the result is facenet-pytorch's
 exactly: same networks, thresholds, crops and suppression (a test compares them).
 
-The networks run channels-last (`channels_last`, `_network_input`): this CPU
+The networks run in ONNX Runtime on the CPU when their exported graphs are there
+(model/faces/mtcnn_onnx.py), else in PyTorch channels-last (`channels_last`, `TorchNets`): this CPU
 build's max pooling is 3-10x slower on NCHW tensors, which made pooling 40% of a
 detection; a 224 px photo went from 44 to 30 ms on one thread. The pyramid and
 the crops are resampled from summed-area tables (`AreaResampler`) instead of one
@@ -96,12 +97,23 @@ def _windows(start: np.ndarray, length: np.ndarray, size: int) -> tuple[np.ndarr
     return start[:, None] + (i * length) // size, start[:, None] - ((-(i + 1) * length) // size)
 
 
-def _network_input(pixels: np.ndarray) -> torch.Tensor:
-    """(K, h, w, 3) float32 pixel means -> MTCNN's input, channels-last in memory (R-Net
-    and O-Net run 20-30% faster on it, AVX-512)."""
+def _normalised(pixels: np.ndarray) -> np.ndarray:
+    """(K, h, w, 3) float32 pixel means -> MTCNN's input values, in place."""
     pixels -= 127.5
     pixels *= 0.0078125
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    return pixels
+
+
+class TorchNets:
+    """`nets(name, pixels)`: MTCNN's network `name` in PyTorch on (K, h, w, 3) normalised
+    pixels, given to it channels-last in memory (R-Net and O-Net run 20-30% faster on
+    it, AVX-512). model/faces/mtcnn_onnx.py's `OnnxNets` is the same in ONNX Runtime."""
+
+    def __init__(self, mtcnn) -> None:
+        self.mtcnn = mtcnn
+
+    def __call__(self, net: str, pixels: np.ndarray) -> tuple[torch.Tensor, ...]:
+        return getattr(self.mtcnn, net)(torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.mtcnn.device))
 
 
 def _with_pixels(boxes: torch.Tensor, image_inds: torch.Tensor, w: int, h: int
@@ -114,18 +126,20 @@ def _with_pixels(boxes: torch.Tensor, image_inds: torch.Tensor, w: int, h: int
 
 
 def _crops(sampler: AreaResampler, boxes: torch.Tensor, image_inds: torch.Tensor, w: int, h: int,
-           size: int) -> torch.Tensor:
+           size: int) -> np.ndarray:
     """The network input for each box (all overlapping the image: `_with_pixels`), cut
     as facenet-pytorch cuts it: the box clamped to the image, resampled to size²."""
     y, ey, x, ex = pad(boxes, w, h)
-    return _network_input(sampler(image_inds.cpu().numpy(), y - 1, ey, x - 1, ex, (size, size)))
+    return _normalised(sampler(image_inds.cpu().numpy(), y - 1, ey, x - 1, ex, (size, size)))
 
 
-def detect_faces(images: np.ndarray, mtcnn, max_candidates: int = 400, max_refine: int = 100
-                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+def detect_faces(images: np.ndarray, mtcnn, max_candidates: int = 400, max_refine: int = 100,
+                 nets=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(boxes (n, 5) = x1, y1, x2, y2, score; landmarks (n, 5, 2)) per image of the
-    same-size uint8 batch `images` (B, H, W, 3), with `mtcnn`'s networks and settings."""
-    pnet, rnet, onet, threshold = mtcnn.pnet, mtcnn.rnet, mtcnn.onet, mtcnn.thresholds
+    same-size uint8 batch `images` (B, H, W, 3), with `mtcnn`'s settings and networks,
+    run by `nets` (default: `TorchNets(mtcnn)`)."""
+    threshold = mtcnn.thresholds
+    nets = nets or TorchNets(mtcnn)
     n, h, w = images.shape[:3]
     sampler = AreaResampler(np.ascontiguousarray(images))
 
@@ -137,8 +151,7 @@ def detect_faces(images: np.ndarray, mtcnn, max_candidates: int = 400, max_refin
         minl *= mtcnn.factor
     boxes, image_inds, levels = [], [], []
     for level, scale in enumerate(scales):
-        data = _network_input(sampler.whole((int(h * scale + 1), int(w * scale + 1))))
-        reg, probs = pnet(data.to(mtcnn.device))
+        reg, probs = nets("pnet", _normalised(sampler.whole((int(h * scale + 1), int(w * scale + 1)))))
         b, ii = generateBoundingBox(reg, probs[:, 1], scale, threshold[0])
         boxes.append(b)
         image_inds.append(ii)
@@ -160,7 +173,7 @@ def detect_faces(images: np.ndarray, mtcnn, max_candidates: int = 400, max_refin
     # 2. R-Net refines the candidates
     boxes, image_inds = _with_pixels(boxes, image_inds, w, h)
     if len(boxes):
-        reg, probs = rnet(_crops(sampler, boxes, image_inds, w, h, 24).to(mtcnn.device))
+        reg, probs = nets("rnet", _crops(sampler, boxes, image_inds, w, h, 24))
         score = probs[:, 1]
         ok = score > threshold[1]
         boxes, image_inds, reg = torch.cat((boxes[ok, :4], score[ok, None]), 1), image_inds[ok], reg[ok]
@@ -173,7 +186,7 @@ def detect_faces(images: np.ndarray, mtcnn, max_candidates: int = 400, max_refin
     points = torch.zeros(0, 5, 2)
     boxes, image_inds = _with_pixels(boxes, image_inds, w, h)
     if len(boxes):
-        reg, pts, probs = onet(_crops(sampler, boxes, image_inds, w, h, 48).to(mtcnn.device))
+        reg, pts, probs = nets("onet", _crops(sampler, boxes, image_inds, w, h, 48))
         score = probs[:, 1]
         ok = score > threshold[2]
         boxes, image_inds, reg, pts = (torch.cat((boxes[ok, :4], score[ok, None]), 1), image_inds[ok],

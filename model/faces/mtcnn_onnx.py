@@ -1,0 +1,144 @@
+"""MTCNN's three networks (facenet-pytorch's P-, R- and O-Net, its own weights) as
+ONNX graphs run by ONNX Runtime on the CPU; the stages around them
+(model/faces/mtcnn.py) stay as they are.
+
+Why: at the small shapes MTCNN runs (a 67 px pyramid level, a few dozen 24 px
+crops) PyTorch takes its unblocked fallback convolution and pays per-operator
+overhead; the networks were most of a detection. Same outputs to float rounding
+(~1e-6; checked at export).
+
+The graphs are exported once, offline (`ipdfer export-onnx`, which needs the
+`export` extra), into weights/mtcnn/ (the Analyzer looks first in the `mtcnn/`
+folder of the weights it serves: an installed image keeps them there), whose
+manifest records each graph's sha256 and the sha256 of the facenet-pytorch weight
+file it came from: a graph is used only while the installed facenet-pytorch holds
+that same file. Serving needs only `onnxruntime`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.fileio import atomic_write, atomic_write_text, require_sha256, sha256_file
+from model.paths import WEIGHTS_DIR
+
+SUBFOLDER = "mtcnn"
+FOLDER = WEIGHTS_DIR / SUBFOLDER   # the shipped graphs
+MANIFEST = "manifest.json"
+NETS = ("pnet", "rnet", "onet")
+INPUT = "pixels"
+
+
+def source_file(net: str) -> Path:
+    """facenet-pytorch's weights of one network (what its PNet/RNet/ONet load)."""
+    import facenet_pytorch
+    return Path(facenet_pytorch.__file__).parent / "data" / f"{net}.pt"
+
+
+def read_manifest(folder: Path = FOLDER) -> dict | None:
+    """The folder's record of its graphs when every graph is there and was exported
+    from the installed facenet-pytorch's weights; else None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    for net in NETS:
+        entry = manifest.get(net)
+        if (not entry or not (folder / entry["file"]).is_file()
+                or sha256_file(source_file(net)) != entry["source_sha256"]):
+            return None
+    return manifest
+
+
+class OnnxNets:
+    """`nets(name, pixels)`: the network's outputs (torch tensors) for (K, h, w, 3)
+    float32 pixels, normalised as MTCNN wants them, channels last as
+    `AreaResampler` gives them (the graphs take that layout)."""
+
+    def __init__(self, manifest: dict, folder: Path = FOLDER, threads: int = 1) -> None:
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # idle pool threads would spin on cores the encoders and other batch loops need
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.sessions = {}
+        for net in NETS:
+            path = folder / manifest[net]["file"]
+            require_sha256(path, manifest[net]["sha256"], ": re-export it (ipdfer export-onnx) "
+                                                          "or set IPDFER_RUNTIME=torch")
+            self.sessions[net] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, net: str, pixels: np.ndarray) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.from_numpy(o) for o in self.sessions[net].run(None, {INPUT: pixels}))
+
+
+def select_nets(mtcnn, runtime: str = "auto", folder: Path = FOLDER):
+    """What runs MTCNN's networks: "auto" = ONNX Runtime on the CPU when `folder`
+    holds the graphs of the installed facenet-pytorch weights, else PyTorch
+    (`TorchNets`); "torch"; "onnxruntime" insists. Threads: torch's count now."""
+    from model.faces.mtcnn import TorchNets
+    if runtime not in ("auto", "torch", "onnxruntime"):
+        raise ValueError(f"unknown runtime {runtime!r}: use auto, torch or onnxruntime")
+    on_cpu = torch.device(mtcnn.device).type == "cpu"
+    manifest = read_manifest(folder) if runtime != "torch" and on_cpu else None
+    if runtime == "onnxruntime" and manifest is None:
+        raise FileNotFoundError(f"runtime onnxruntime: no MTCNN graphs of the installed facenet-pytorch in {folder}"
+                                + ("" if on_cpu else " (and it runs on the CPU only)") + ": run ipdfer export-onnx")
+    if manifest is None:
+        return TorchNets(mtcnn)
+    return OnnxNets(manifest, folder, threads=torch.get_num_threads())
+
+
+class _ChannelsLastInput(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixels: torch.Tensor):
+        return self.net(pixels.permute(0, 3, 1, 2))
+
+
+def export_mtcnn_onnx(folder: Path = FOLDER, opset: int = 18) -> dict:
+    """Write the three graphs and their manifest into `folder`; returns the manifest.
+    Each graph is checked against PyTorch before it is kept."""
+    from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    manifest: dict = {"opset": opset, "torch": torch.__version__}
+    for net, cls, shapes in (("pnet", PNet, [(1, 67, 67), (3, 34, 47)]),
+                             ("rnet", RNet, [(1, 24, 24), (37, 24, 24)]),
+                             ("onet", ONet, [(1, 48, 48), (9, 48, 48)])):
+        module = _ChannelsLastInput(cls().eval())
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        dims = {0: batch}
+        if net == "pnet":  # the pyramid: any size from MTCNN's 12 px up
+            dims.update({1: torch.export.Dim("height", min=12, max=8192),
+                         2: torch.export.Dim("width", min=12, max=8192)})
+        program = torch.onnx.export(module, (torch.zeros(2, *shapes[0][1:], 3),), dynamo=True,
+                                    opset_version=opset, input_names=[INPUT], dynamic_shapes=(dims,),
+                                    verbose=False)
+        worst = 0.0
+
+        def save_checked(tmp: Path) -> None:  # a graph that fails the check never replaces the old one
+            nonlocal worst
+            program.save(str(tmp))
+            import onnxruntime as ort
+            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            for n, h, w in shapes:
+                x = torch.rand(n, h, w, 3, generator=generator) * 2 - 1
+                with torch.inference_mode():
+                    want = module(x)
+                got = session.run(None, {INPUT: x.numpy()})
+                worst = max(worst, *(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, want)))
+            if worst > 1e-4:
+                raise RuntimeError(f"the exported {net} differs from PyTorch by {worst:.2e}: not kept")
+
+        path = atomic_write(folder / f"{net}.onnx", save_checked)
+        manifest[net] = {"file": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
+                         "source": f"facenet_pytorch/data/{net}.pt", "source_sha256": sha256_file(source_file(net)),
+                         "max_abs_diff": float(np.float32(worst))}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,72 @@
+"""MTCNN's networks in ONNX Runtime (weights/mtcnn/): the committed graphs belong to
+the installed facenet-pytorch weights, are the detector's default on the CPU, and
+are never used for other weights or when changed. That they detect what
+facenet-pytorch detects: tests/test_face.py::test_bounded_mtcnn_equals_facenet_pytorch_below_its_bounds."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from model.faces.detect import FaceDetector
+from model.faces.mtcnn import TorchNets
+from model.faces.mtcnn_onnx import FOLDER, MANIFEST, NETS, OnnxNets, export_mtcnn_onnx, read_manifest, select_nets
+from model.fileio import sha256_file
+
+
+def test_the_committed_graphs_were_exported_from_the_installed_facenet_weights():
+    manifest = read_manifest()
+    assert manifest is not None, (FOLDER / MANIFEST).read_text()
+    for net in NETS:
+        assert sha256_file(FOLDER / manifest[net]["file"]) == manifest[net]["sha256"]
+    assert isinstance(FaceDetector().nets, OnnxNets)
+    assert isinstance(FaceDetector(runtime="torch").nets, TorchNets)
+    with pytest.raises(ValueError, match="unknown runtime"):
+        FaceDetector(runtime="tensorrt")
+
+
+def test_graphs_of_other_facenet_weights_are_never_used(tmp_path):
+    shutil.copytree(FOLDER, tmp_path / "mtcnn")
+    manifest = json.loads((tmp_path / "mtcnn" / MANIFEST).read_text())
+    manifest["onet"]["source_sha256"] = "0" * 64   # exported from other O-Net weights
+    (tmp_path / "mtcnn" / MANIFEST).write_text(json.dumps(manifest))
+    detector = FaceDetector(runtime="torch")
+    assert isinstance(select_nets(detector.mtcnn, "auto", tmp_path / "mtcnn"), TorchNets)
+    with pytest.raises(FileNotFoundError, match="ipdfer export-onnx"):
+        select_nets(detector.mtcnn, "onnxruntime", tmp_path / "mtcnn")
+
+
+def test_a_changed_graph_file_is_refused(tmp_path):
+    shutil.copytree(FOLDER, tmp_path / "mtcnn")
+    with open(tmp_path / "mtcnn" / "rnet.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="does not match"):
+        select_nets(FaceDetector(runtime="torch").mtcnn, "auto", tmp_path / "mtcnn")
+
+
+def test_export_writes_graphs_that_compute_what_pytorch_computes(tmp_path):
+    manifest = export_mtcnn_onnx(tmp_path)
+    assert read_manifest(tmp_path) == json.loads((tmp_path / MANIFEST).read_text()) == manifest
+    mtcnn = FaceDetector(runtime="torch").mtcnn
+    nets, reference = OnnxNets(manifest, tmp_path), TorchNets(mtcnn)
+    rng = np.random.default_rng(0)
+    for net, shape in (("pnet", (2, 53, 40)), ("rnet", (17, 24, 24)), ("onet", (5, 48, 48))):
+        assert manifest[net]["max_abs_diff"] < 1e-5
+        pixels = rng.uniform(-1, 1, (*shape, 3)).astype(np.float32)
+        with torch.inference_mode():
+            want = reference(net, pixels)
+        for got, expected in zip(nets(net, pixels), want, strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_analyzer_takes_the_graphs_beside_its_weights_else_the_shipped_ones(tmp_path):
+    from model.inference import Analyzer, mtcnn_folder
+    from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
+    for name in ("ipdfer.pt", "manifest.json", "encoders.onnx"):
+        shutil.copy(DEFAULT_WEIGHTS_DIR / name, tmp_path / name)
+    assert mtcnn_folder(load_weights(tmp_path)) is None   # -> the shipped weights/mtcnn/
+    shutil.copytree(FOLDER, tmp_path / "mtcnn")           # as an installed image holds them
+    assert mtcnn_folder(load_weights(tmp_path)) == tmp_path / "mtcnn"
+    assert isinstance(Analyzer.load(tmp_path, device="cpu").pipeline.detector.nets, OnnxNets)
+    assert isinstance(Analyzer.load(tmp_path, device="cpu", runtime="torch").pipeline.detector.nets, TorchNets)
