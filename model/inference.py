@@ -131,10 +131,9 @@ def resolve_runtime(weights: LoadedWeights, device: torch.device, precision: str
     as_served = flip_tta is None or flip_tta == served
     usable = device.type == "cpu" and precision == "fp32" and as_served
     if runtime == "onnxruntime" and not usable:
-        mirror = "with" if served else "without"
-        raise ValueError(f"runtime onnxruntime runs fp32 on the CPU {mirror} the mirror pass (as these weights "
-                         f"are served), not {precision} on {device.type}"
-                         + ("" if as_served else f" {'without' if served else 'with'} it"))
+        raise ValueError(f"runtime onnxruntime runs the encoders in fp32 on the CPU, as these weights are served "
+                         f"({'with' if served else 'without'} the mirror pass); asked: {precision} on "
+                         f"{device.type}, flip_tta {flip_tta}")
     if runtime == "auto":
         return "onnxruntime" if usable and onnx_entry(weights) is not None else "torch"
     return runtime
