@@ -533,14 +533,13 @@ def test_bounded_mtcnn_equals_facenet_pytorch_below_its_bounds(detector, muxspac
     from facenet_pytorch import MTCNN
 
     from model.faces.mtcnn import TorchNets, _ChannelsLastPool, detect_faces
-    from model.faces.mtcnn_onnx import OnnxNets
+    from model.faces.mtcnn_onnx import select_nets
     # ours runs channels-last in PyTorch, or in ONNX Runtime (the served default on
     # the CPU); the reference is facenet-pytorch's own, untouched
     assert isinstance(detector.mtcnn.pnet.pool1, _ChannelsLastPool)
-    assert isinstance(detector.nets, OnnxNets)
     reference = MTCNN(keep_all=True, min_face_size=detector.min_face_size)
     for batch, nets in itertools.product((_muxspace_batch(muxspace, 8), astronaut[None]),
-                                         (TorchNets(detector.mtcnn), detector.nets)):
+                                         (TorchNets(detector.mtcnn), select_nets(detector.mtcnn, "onnxruntime"))):
         with torch.inference_mode():
             ours = detect_faces(batch, detector.mtcnn, nets=nets)
             boxes, probs, points = reference.detect(batch, landmarks=True)

@@ -20,8 +20,16 @@ def test_the_committed_graphs_were_exported_from_the_installed_facenet_weights()
     assert manifest is not None, (FOLDER / MANIFEST).read_text()
     for net in NETS:
         assert sha256_file(FOLDER / manifest[net]["file"]) == manifest[net]["sha256"]
-    assert isinstance(FaceDetector().nets, OnnxNets)
-    assert isinstance(FaceDetector(runtime="torch").nets, TorchNets)
+    threads = torch.get_num_threads()
+    try:  # "auto": ONNX Runtime where torch runs one thread (each batch loop of the service)
+        torch.set_num_threads(1)
+        assert isinstance(FaceDetector().nets, OnnxNets)
+        assert isinstance(FaceDetector(runtime="torch").nets, TorchNets)
+        torch.set_num_threads(2)
+        assert isinstance(FaceDetector().nets, TorchNets)
+        assert isinstance(FaceDetector(runtime="onnxruntime").nets, OnnxNets)
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="unknown runtime"):
         FaceDetector(runtime="tensorrt")
 
@@ -32,7 +40,13 @@ def test_graphs_of_other_facenet_weights_are_never_used(tmp_path):
     manifest["onet"]["source_sha256"] = "0" * 64   # exported from other O-Net weights
     (tmp_path / "mtcnn" / MANIFEST).write_text(json.dumps(manifest))
     detector = FaceDetector(runtime="torch")
-    assert isinstance(select_nets(detector.mtcnn, "auto", tmp_path / "mtcnn"), TorchNets)
+    threads = torch.get_num_threads()
+    try:  # one thread: where "auto" would take the graphs
+        torch.set_num_threads(1)
+        assert isinstance(select_nets(detector.mtcnn, "auto", FOLDER), OnnxNets)
+        assert isinstance(select_nets(detector.mtcnn, "auto", tmp_path / "mtcnn"), TorchNets)
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(FileNotFoundError, match="ipdfer export-onnx"):
         select_nets(detector.mtcnn, "onnxruntime", tmp_path / "mtcnn")
 
@@ -42,7 +56,7 @@ def test_a_changed_graph_file_is_refused(tmp_path):
     with open(tmp_path / "mtcnn" / "rnet.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(ValueError, match="does not match"):
-        select_nets(FaceDetector(runtime="torch").mtcnn, "auto", tmp_path / "mtcnn")
+        select_nets(FaceDetector(runtime="torch").mtcnn, "onnxruntime", tmp_path / "mtcnn")
 
 
 def test_export_writes_graphs_that_compute_what_pytorch_computes(tmp_path):
@@ -68,5 +82,5 @@ def test_the_analyzer_takes_the_graphs_beside_its_weights_else_the_shipped_ones(
     assert mtcnn_folder(load_weights(tmp_path)) is None   # -> the shipped weights/mtcnn/
     shutil.copytree(FOLDER, tmp_path / "mtcnn")           # as an installed image holds them
     assert mtcnn_folder(load_weights(tmp_path)) == tmp_path / "mtcnn"
-    assert isinstance(Analyzer.load(tmp_path, device="cpu").pipeline.detector.nets, OnnxNets)
+    assert isinstance(Analyzer.load(tmp_path, device="cpu", runtime="onnxruntime").pipeline.detector.nets, OnnxNets)
     assert isinstance(Analyzer.load(tmp_path, device="cpu", runtime="torch").pipeline.detector.nets, TorchNets)

@@ -5,7 +5,11 @@ ONNX graphs run by ONNX Runtime on the CPU; the stages around them
 Why: at the small shapes MTCNN runs (a 67 px pyramid level, a few dozen 24 px
 crops) PyTorch takes its unblocked fallback convolution and pays per-operator
 overhead; the networks were most of a detection. Same outputs to float rounding
-(~1e-6; checked at export).
+(~1e-6; checked at export). Measured on an AVX2 CPU (AMD EPYC), one thread, 224 px
+photos: 27.6 -> 19.4 ms an image alone, level at batches of 8, 10% slower at 64;
+with two threads ONNX Runtime was slower at every batch size (FER2013 crops,
+batches of 64: 8.7 vs 10.3 ms). So "auto" takes it only where torch runs one
+thread, which is how the service runs each batch loop.
 
 The graphs are exported once, offline (`ipdfer export-onnx`, which needs the
 `export` extra), into weights/mtcnn/ (the Analyzer looks first in the `mtcnn/`
@@ -76,9 +80,10 @@ class OnnxNets:
 
 
 def select_nets(mtcnn, runtime: str = "auto", folder: Path = FOLDER):
-    """What runs MTCNN's networks: "auto" = ONNX Runtime on the CPU when `folder`
-    holds the graphs of the installed facenet-pytorch weights, else PyTorch
-    (`TorchNets`); "torch"; "onnxruntime" insists. Threads: torch's count now."""
+    """What runs MTCNN's networks: "auto" = ONNX Runtime on the CPU with one torch
+    thread (the service's batch loops) when `folder` holds the graphs of the
+    installed facenet-pytorch weights, else PyTorch (`TorchNets`); "torch";
+    "onnxruntime" insists. Threads: torch's count now."""
     from model.faces.mtcnn import TorchNets
     if runtime not in ("auto", "torch", "onnxruntime"):
         raise ValueError(f"unknown runtime {runtime!r}: use auto, torch or onnxruntime")
@@ -87,7 +92,7 @@ def select_nets(mtcnn, runtime: str = "auto", folder: Path = FOLDER):
     if runtime == "onnxruntime" and manifest is None:
         raise FileNotFoundError(f"runtime onnxruntime: no MTCNN graphs of the installed facenet-pytorch in {folder}"
                                 + ("" if on_cpu else " (and it runs on the CPU only)") + ": run ipdfer export-onnx")
-    if manifest is None:
+    if manifest is None or (runtime == "auto" and torch.get_num_threads() > 1):
         return TorchNets(mtcnn)
     return OnnxNets(manifest, folder, threads=torch.get_num_threads())
 
