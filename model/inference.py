@@ -200,6 +200,7 @@ class Analyzer:
         m = self.weights.manifest
         return {"name": m["name"], "version": m["version"], "sha256": m["sha256"],
                 "device": str(self.device), "precision": self.precision, "runtime": self.runtime,
+                "detector_runtime": self.pipeline.detector.nets.runtime,
                 "image_size": self.image_size,
                 "trained": bool(m.get("trained", False))}
 

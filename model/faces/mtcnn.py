@@ -109,6 +109,8 @@ class TorchNets:
     pixels, given to it channels-last in memory (R-Net and O-Net run 20-30% faster on
     it, AVX-512). model/faces/mtcnn_onnx.py's `OnnxNets` is the same in ONNX Runtime."""
 
+    runtime = "torch"
+
     def __init__(self, mtcnn) -> None:
         self.mtcnn = mtcnn
 

@@ -61,6 +61,8 @@ class OnnxNets:
     float32 pixels, normalised as MTCNN wants them, channels last as
     `AreaResampler` gives them (the graphs take that layout)."""
 
+    runtime = "onnxruntime"
+
     def __init__(self, manifest: dict, folder: Path = FOLDER, threads: int = 1) -> None:
         import onnxruntime as ort
         options = ort.SessionOptions()
