@@ -181,8 +181,10 @@ def test_chunking_does_not_change_the_cache(first_run, tree):
     assert a["path"].tolist() == b["path"].tolist()
     np.testing.assert_allclose(a["landmarks"], b["landmarks"], atol=1e-3)
     np.testing.assert_allclose(a["pose"], b["pose"], atol=0.05)
+    # descriptors of the same faces differ by float rounding between thread counts: up to
+    # 1.3e-4 on an AVX2 CPU (AMD EPYC), against a same-person distance threshold of 0.6
     np.testing.assert_allclose(np.load(cache / "ckplus" / "identity.npy"),
-                               np.load(tree / "cache_one" / "ckplus" / "identity.npy"), atol=1e-4)
+                               np.load(tree / "cache_one" / "ckplus" / "identity.npy"), atol=5e-4)
     fa = np.load(cache / "ckplus" / "faces_64.npy").astype(int)
     fb = np.load(tree / "cache_one" / "ckplus" / "faces_64.npy").astype(int)
     assert np.abs(fa - fb).max() <= 1

@@ -29,9 +29,11 @@ class FaceWorker:
 
         from model.faces.preprocess import FaceDetector
         from model.faces.identity import load_identity_encoder
+        # PyTorch's MTCNN always: "auto" picks ONNX Runtime by thread count, and the
+        # cache must not depend on how many workers built it (the two differ by rounding)
         self.det_small = FaceDetector(device=self.device, min_face_size=SMALL_MIN_FACE,
-                                      batch_size=self.detect_batch)
-        self.det_large = FaceDetector(device=self.device, batch_size=self.detect_batch)
+                                      batch_size=self.detect_batch, runtime="torch")
+        self.det_large = FaceDetector(device=self.device, batch_size=self.detect_batch, runtime="torch")
         self.encoder = fused_encoder(load_identity_encoder(self.device))
         if self.device == "cpu":
             self.encoder = self.encoder.to(memory_format=torch.channels_last)  # faster on CPU
