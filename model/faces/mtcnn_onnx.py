@@ -90,13 +90,12 @@ def select_nets(mtcnn, runtime: str = "auto", folder: Path = FOLDER):
     if runtime not in ("auto", "torch", "onnxruntime"):
         raise ValueError(f"unknown runtime {runtime!r}: use auto, torch or onnxruntime")
     on_cpu = torch.device(mtcnn.device).type == "cpu"
-    manifest = read_manifest(folder) if runtime != "torch" and on_cpu else None
+    wanted = runtime == "onnxruntime" or (runtime == "auto" and torch.get_num_threads() == 1)
+    manifest = read_manifest(folder) if wanted and on_cpu else None
     if runtime == "onnxruntime" and manifest is None:
         raise FileNotFoundError(f"runtime onnxruntime: no MTCNN graphs of the installed facenet-pytorch in {folder}"
                                 + ("" if on_cpu else " (and it runs on the CPU only)") + ": run ipdfer export-onnx")
-    if manifest is None or (runtime == "auto" and torch.get_num_threads() > 1):
-        return TorchNets(mtcnn)
-    return OnnxNets(manifest, folder, threads=torch.get_num_threads())
+    return OnnxNets(manifest, folder, threads=torch.get_num_threads()) if manifest else TorchNets(mtcnn)
 
 
 class _ChannelsLastInput(torch.nn.Module):
