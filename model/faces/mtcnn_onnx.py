@@ -6,10 +6,13 @@ Why: at the small shapes MTCNN runs (a 67 px pyramid level, a few dozen 24 px
 crops) PyTorch takes its unblocked fallback convolution and pays per-operator
 overhead; the networks were most of a detection. Same outputs to float rounding
 (~1e-6; checked at export). Measured on an AVX2 CPU (AMD EPYC), one thread, 224 px
-photos: 27.6 -> 19.4 ms an image alone, level at batches of 8, 10% slower at 64;
-with two threads ONNX Runtime was slower at every batch size (FER2013 crops,
-batches of 64: 8.7 vs 10.3 ms). So "auto" takes it only where torch runs one
-thread, which is how the service runs each batch loop.
+photos: alone 27.6 -> 19.4 ms an image (11.6 -> 10.0 when the same VM ran twice
+as fast), in batches of 8 3-14% slower, at 64 10% slower; with two threads
+ONNX Runtime was slower at every batch size (FER2013 crops, batches of 64: 8.7 vs
+10.3 ms). The service, whose batch loops run one thread and small, varying
+batches, served 1.09-1.22x the requests at 16 clients and 1.11-1.16x for a lone
+client (benchmarks/load.py against both commits side by side). So "auto" takes it
+only where torch runs one thread.
 
 The graphs are exported once, offline (`ipdfer export-onnx`, which needs the
 `export` extra), into weights/mtcnn/ (the Analyzer looks first in the `mtcnn/`
