@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.fileio import atomic_write, atomic_write_text, require_sha256, sha256_file
+from model.fileio import atomic_write, atomic_write_text, sha256_file
+from model.onnx_runtime import cpu_session
 from model.weights import MANIFEST, LoadedWeights, load_weights
 
 ONNX_FILE = "encoders.onnx"
@@ -59,15 +60,7 @@ class OnnxEncoders:
     (torch tensors on the CPU)."""
 
     def __init__(self, path: Path, sha256: str, threads: int) -> None:
-        import onnxruntime as ort
-        require_sha256(path, sha256, ": re-export it (ipdfer export-onnx) or set IPDFER_RUNTIME=torch")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # idle pool threads would spin on cores that detection and other batching
-        # loops need; with one thread there is no pool
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, sha256, threads)
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = self.session.run(list(OUTPUTS), {INPUT: x.detach().cpu().float().numpy()})

@@ -20,6 +20,7 @@ from PIL import Image
 from model import faces as facelib
 from model.faces.mtcnn_onnx import SUBFOLDER as MTCNN_SUBFOLDER
 from model.labels import EXPRESSIONS
+from model.onnx_runtime import check_runtime
 from model.nets.serving import inference_form
 from model.weights import DEFAULT_WEIGHTS_DIR, LoadedWeights, load_weights
 
@@ -112,9 +113,6 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     return precision
 
 
-RUNTIMES = ("auto", "torch", "onnxruntime")
-
-
 def resolve_runtime(weights: LoadedWeights, device: torch.device, precision: str, runtime: str = "auto",
                     flip_tta: bool | None = None) -> str:
     """What runs the per-request encoders. "auto": ONNX Runtime on the CPU in fp32,
@@ -122,8 +120,7 @@ def resolve_runtime(weights: LoadedWeights, device: torch.device, precision: str
     computation), when the weights come with their exported graph
     (model/encoders_onnx.py: 2.7x the faces/s of PyTorch at batch 1 on an AVX2
     CPU), else PyTorch; "onnxruntime" insists."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    check_runtime(runtime)
     if runtime == "torch":
         return runtime
     from model.encoders_onnx import onnx_entry

@@ -82,5 +82,9 @@ def test_the_analyzer_takes_the_graphs_beside_its_weights_else_the_shipped_ones(
     assert mtcnn_folder(load_weights(tmp_path)) is None   # -> the shipped weights/mtcnn/
     shutil.copytree(FOLDER, tmp_path / "mtcnn")           # as an installed image holds them
     assert mtcnn_folder(load_weights(tmp_path)) == tmp_path / "mtcnn"
-    assert isinstance(Analyzer.load(tmp_path, device="cpu", runtime="onnxruntime").pipeline.detector.nets, OnnxNets)
+    pipeline = Analyzer.load(tmp_path, device="cpu", runtime="onnxruntime").pipeline
+    assert isinstance(pipeline.detector.nets, OnnxNets)
+    # the detectors that locate aligned=true crops run MTCNN as the pipeline's does
+    for located_by in (pipeline.crops.small, pipeline.crops.large):
+        assert located_by.onnx_folder == tmp_path / "mtcnn" and isinstance(located_by.nets, OnnxNets)
     assert isinstance(Analyzer.load(tmp_path, device="cpu", runtime="torch").pipeline.detector.nets, TorchNets)

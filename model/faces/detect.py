@@ -65,8 +65,9 @@ class FaceDetector:
         self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=min_face_size)
         channels_last(self.mtcnn)
         # MTCNN's networks: ONNX Runtime on the CPU where `onnx_folder` (default: the
-        # shipped weights/mtcnn/) holds their graphs
-        self.nets = select_nets(self.mtcnn, runtime, onnx_folder or FOLDER)
+        # shipped weights/mtcnn/) holds their graphs; kept for detectors built alike
+        self.runtime, self.onnx_folder = runtime, onnx_folder or FOLDER
+        self.nets = select_nets(self.mtcnn, runtime, self.onnx_folder)
         self.min_face_size = min_face_size
         self.min_score = min_score
         self.max_side = max_side

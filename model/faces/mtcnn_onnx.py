@@ -22,13 +22,15 @@ file it came from: a graph is used only while the installed facenet-pytorch hold
 that same file. Serving needs only `onnxruntime`."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.fileio import atomic_write, atomic_write_text, require_sha256, sha256_file
+from model.fileio import atomic_write, atomic_write_text, sha256_file
+from model.onnx_runtime import check_runtime, cpu_session
 from model.paths import WEIGHTS_DIR
 
 SUBFOLDER = "mtcnn"
@@ -44,6 +46,12 @@ def source_file(net: str) -> Path:
     return Path(facenet_pytorch.__file__).parent / "data" / f"{net}.pt"
 
 
+@functools.cache
+def _installed_sha256(net: str) -> str:
+    """Hashed once a process: an Analyzer builds up to three detectors."""
+    return sha256_file(source_file(net))
+
+
 def read_manifest(folder: Path = FOLDER) -> dict | None:
     """The folder's record of its graphs when every graph is there and was exported
     from the installed facenet-pytorch's weights; else None."""
@@ -54,7 +62,7 @@ def read_manifest(folder: Path = FOLDER) -> dict | None:
     for net in NETS:
         entry = manifest.get(net)
         if (not entry or not (folder / entry["file"]).is_file()
-                or sha256_file(source_file(net)) != entry["source_sha256"]):
+                or _installed_sha256(net) != entry["source_sha256"]):
             return None
     return manifest
 
@@ -67,18 +75,8 @@ class OnnxNets:
     runtime = "onnxruntime"
 
     def __init__(self, manifest: dict, folder: Path = FOLDER, threads: int = 1) -> None:
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # idle pool threads would spin on cores the encoders and other batch loops need
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.sessions = {}
-        for net in NETS:
-            path = folder / manifest[net]["file"]
-            require_sha256(path, manifest[net]["sha256"], ": re-export it (ipdfer export-onnx) "
-                                                          "or set IPDFER_RUNTIME=torch")
-            self.sessions[net] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.sessions = {net: cpu_session(folder / manifest[net]["file"], manifest[net]["sha256"], threads)
+                         for net in NETS}
 
     def __call__(self, net: str, pixels: np.ndarray) -> tuple[torch.Tensor, ...]:
         return tuple(torch.from_numpy(o) for o in self.sessions[net].run(None, {INPUT: pixels}))
@@ -90,8 +88,7 @@ def select_nets(mtcnn, runtime: str = "auto", folder: Path = FOLDER):
     installed facenet-pytorch weights, else PyTorch (`TorchNets`); "torch";
     "onnxruntime" insists. Threads: torch's count now."""
     from model.faces.mtcnn import TorchNets
-    if runtime not in ("auto", "torch", "onnxruntime"):
-        raise ValueError(f"unknown runtime {runtime!r}: use auto, torch or onnxruntime")
+    check_runtime(runtime)
     on_cpu = torch.device(mtcnn.device).type == "cpu"
     wanted = runtime == "onnxruntime" or (runtime == "auto" and torch.get_num_threads() == 1)
     manifest = read_manifest(folder) if wanted and on_cpu else None

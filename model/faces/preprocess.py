@@ -14,6 +14,7 @@ preparation, training, evaluation and serving.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -76,10 +77,12 @@ class CropLocator:
     found, the fallback (`fallback_landmarks`)."""
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 16,
-                 small: FaceDetector | None = None, large: FaceDetector | None = None) -> None:
+                 small: FaceDetector | None = None, large: FaceDetector | None = None,
+                 runtime: str = "auto", onnx_folder: Path | None = None) -> None:
         self.small = small or FaceDetector(device=device, min_face_size=CROP_SMALL_MIN_FACE,
-                                           batch_size=batch_size)
-        self.large = large or FaceDetector(device=device, batch_size=batch_size)
+                                           batch_size=batch_size, runtime=runtime, onnx_folder=onnx_folder)
+        self.large = large or FaceDetector(device=device, batch_size=batch_size, runtime=runtime,
+                                           onnx_folder=onnx_folder)
 
     def locate(self, images: list[np.ndarray]) -> list[dict]:
         """Per image: landmarks (5,2), box (4,), score, source (SOURCE_*)."""
@@ -149,8 +152,10 @@ class FacePipeline:
 
     @property
     def crops(self) -> CropLocator:
-        if self._crops is None:  # its own detectors, as `ipdfer prepare` located training crops
-            self._crops = CropLocator(device=self.device)
+        if self._crops is None:  # its own detectors, as `ipdfer prepare` located training crops,
+            # with MTCNN's networks run as the pipeline's detector runs them
+            self._crops = CropLocator(device=self.device, runtime=self.detector.runtime,
+                                      onnx_folder=self.detector.onnx_folder)
         return self._crops
 
     def _face(self, image: np.ndarray, landmarks: np.ndarray,
