@@ -8,7 +8,8 @@ depend on what else the machine runs).
     .venv/bin/python benchmarks/encoder_speed.py [--weights weights] [--device cpu] [--precisions fp32,bf16]
 
 On the CPU it also times the served encoders in ONNX Runtime (weights/encoders.onnx,
-`IPDFER_RUNTIME`; fp32, as served; renders always run in PyTorch).
+`IPDFER_RUNTIME`; fp32, as served; renders always run in PyTorch) and their int8
+graph (weights/encoders.int8.onnx, `IPDFER_PRECISION=int8`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from model.encoders_int8 import int8_entry, load_int8_encoders
 from model.encoders_onnx import load_onnx_encoders, onnx_entry
 from model.faces.identity import load_identity_encoder
 from model.inference import autocast_for, inference_form
@@ -67,11 +69,14 @@ def main() -> None:
                       f"{rate(plain, batch, args.seconds):>17.1f} {rate(render, batch, args.seconds):>23.1f}",
                       flush=True)
     if device.type == "cpu" and onnx_entry(weights) is not None:
-        onnx = load_onnx_encoders(weights, threads=torch.get_num_threads())
+        graphs = {"onnxrt": load_onnx_encoders(weights, threads=torch.get_num_threads())}
+        if int8_entry(weights) is not None:  # IPDFER_PRECISION=int8
+            graphs["int8"] = load_int8_encoders(weights, threads=torch.get_num_threads())
         for batch in (1, 32):
             x = torch.randn(batch, 1, s, s)
-            print(f"{'onnxrt':>9} {batch:>5} {rate(lambda: onnx(x), batch, args.seconds):>17.1f} "  # noqa: B023
-                  f"{'-':>17} {'-':>23}", flush=True)
+            for name, graph in graphs.items():
+                print(f"{name:>9} {batch:>5} {rate(lambda: graph(x), batch, args.seconds):>17.1f} "  # noqa: B023
+                      f"{'-':>17} {'-':>23}", flush=True)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def residue_heatmap(face: np.ndarray, residue: np.ndarray) -> np.ndarray:
     return cv2.addWeighted(base, 0.5, heat, 0.5, 0)
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
@@ -103,11 +103,14 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     encoders (benchmarks/load.py, 2 loops x 1 thread): bf16 was slower for a lone
     client (27 vs 30 req/s, encode 10.0 vs 8.3 ms) and 11% faster at 16 clients
     (65 vs 59 req/s), and it moves probabilities by up to 0.04 (same top label for
-    99% of FER2013 test faces); fp32 serves exactly the evaluated model."""
+    99% of FER2013 test faces); fp32 serves exactly the evaluated model. int8 is
+    the encoders' quantized graph in ONNX Runtime on the CPU (model/encoders_int8.py)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError("int8 runs the encoders' quantized graph in ONNX Runtime on the CPU only")
     if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise ValueError("bf16 asked for, but this CPU has no native bf16 (AVX-512 BF16 / AMX)")
     return precision
@@ -119,13 +122,20 @@ def resolve_runtime(weights: LoadedWeights, device: torch.device, precision: str
     with the mirror pass or without it as the weights are served (the graph's
     computation), when the weights come with their exported graph
     (model/encoders_onnx.py: 2.7x the faces/s of PyTorch at batch 1 on an AVX2
-    CPU), else PyTorch; "onnxruntime" insists."""
+    CPU), else PyTorch; "onnxruntime" insists. int8 exists only as a graph: ONNX
+    Runtime, or refused."""
     check_runtime(runtime)
+    served = weights.config.flip_tta
+    as_served = flip_tta is None or flip_tta == served
+    if precision == "int8":
+        if runtime == "torch" or not as_served:
+            raise ValueError(f"int8 is the encoders' graph in ONNX Runtime, as these weights are served "
+                             f"({'with' if served else 'without'} the mirror pass); asked: runtime {runtime}, "
+                             f"flip_tta {flip_tta}")
+        return "onnxruntime"
     if runtime == "torch":
         return runtime
     from model.encoders_onnx import onnx_entry
-    served = weights.config.flip_tta
-    as_served = flip_tta is None or flip_tta == served
     usable = device.type == "cpu" and precision == "fp32" and as_served
     if runtime == "onnxruntime" and not usable:
         raise ValueError(f"runtime onnxruntime runs the encoders in fp32 on the CPU, as these weights are served "
@@ -146,7 +156,7 @@ def mtcnn_folder(weights: LoadedWeights) -> Path | None:
 def autocast_for(device: torch.device | str, precision: str):
     """The autocast context of a resolved precision (fp32: none)."""
     device = torch.device(device)
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):  # int8: what PyTorch runs (renders) stays fp32
         return nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device.type, dtype=dtype)
@@ -182,8 +192,10 @@ class Analyzer:
         self.runtime = resolve_runtime(weights, self.device, self.precision, runtime, self.flip_tta)
         self._onnx = None
         if self.runtime == "onnxruntime":  # the per-request encoders; renders stay in PyTorch
+            from model.encoders_int8 import load_int8_encoders
             from model.encoders_onnx import load_onnx_encoders
-            self._onnx = load_onnx_encoders(weights, threads=torch.get_num_threads())
+            load = load_int8_encoders if self.precision == "int8" else load_onnx_encoders
+            self._onnx = load(weights, threads=torch.get_num_threads())
 
     @classmethod
     def load(cls, weights_dir: Path | str | None = None, device: str | None = None,

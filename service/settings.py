@@ -103,11 +103,13 @@ class Settings(BaseSettings):
                                   "are served (`flip_tta` in their config, as the model card's figures). false on "
                                   "weights served with the mirror pass skips it (encoders 25% faster at batch 1, "
                                   "40% at 32) and costs accuracy.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         "auto", description="Numeric precision of the encoders: auto = fp16 autocast on CUDA, fp32 on the "
                             "CPU. bf16 (CPUs with native bf16: AVX-512 BF16 / AMX) was 11% faster at 16 clients "
                             "and slower for a lone client, and moves probabilities by up to 0.04; asked for on "
-                            "a CPU without it, it is refused.")
+                            "a CPU without it, it is refused. int8 (CPU): the encoders' quantized graph "
+                            "(weights/encoders.int8.onnx) in ONNX Runtime, 1.4-1.7x the faces/s; FER2013 test "
+                            "67.68% vs 67.82%, same top label for 97.8% of faces. Renders stay fp32.")
     min_face_size: int = Field(40, ge=12, description="Smallest face MTCNN looks for, in pixels of the photo "
                                "as detected (after the 1280 px cap). 40: the smallest faces the model was trained "
                                "on (FER2013's); 20 also finds smaller ones at ~1.6x the detection time.")

@@ -1,0 +1,157 @@
+"""The served encoders' graph (model/encoders_onnx.py) with int8 weights and
+activations, for CPUs: `IPDFER_PRECISION=int8`, run by ONNX Runtime.
+
+How it is made (`ipdfer export-onnx --int8-calibration <folder of face crops>`):
+ONNX Runtime's static quantization in QDQ form; weights per output channel in a
+7-bit range (`reduce_range`: CPUs without AVX-512 VNNI compute u8 x s8 through
+16-bit sums that the full range can saturate); each activation's range is the
+99.999th percentile of its values over 512 faces (min-max ranges moved 3.5x as
+many top labels). The input stage (mirror image, upsampling), MobileNetV2's stem
+and its first inverted-residual block stay fp32: quantized alone, those three
+moved 8% and 2% of FER2013 validation top labels; every later block < 1%.
+
+Measured on an AVX-512 VNNI Xeon, 2026-12-03 (README, Benchmarks): FER2013
+PrivateTest 67.68% vs 67.82% in fp32, same top label for 97.8% of faces; faces/s
+1.4x at batch 1 and 1.6x at batch 32 (one thread).
+
+The graph is checked against the fp32 graph on 256 faces not used to calibrate and
+kept only when their top labels agree for >= 95%; the manifest records it
+(`onnx_int8`) with the sha256 of the weights and of the fp32 graph it came from."""
+from __future__ import annotations
+
+import ast
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.encoders_onnx import INPUT, OnnxEncoders, onnx_entry
+from model.fileio import atomic_write, atomic_write_text, sha256_file
+from model.weights import MANIFEST, LoadedWeights, load_weights
+
+INT8_FILE = "encoders.int8.onnx"
+# modules (torch names, as the exporter records them) left in fp32
+FLOAT_MODULES = ("model.exp_encoder.features.0", "model.exp_encoder.features.1", "model.exp_encoder.features.2")
+CALIBRATION_FACES, CHECK_FACES = 512, 256
+PERCENTILE = 99.999
+MIN_AGREEMENT = 0.95
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def int8_entry(weights: LoadedWeights) -> dict | None:
+    """The manifest's record of the int8 graph, when it was made from these weights'
+    fp32 graph as it is now and its file is there."""
+    entry, source = weights.manifest.get("onnx_int8"), onnx_entry(weights)
+    if (entry and source and entry.get("source_sha256") == weights.manifest["sha256"]
+            and entry.get("float_graph_sha256") == source["sha256"] and (weights.directory / entry["file"]).is_file()):
+        return entry
+    return None
+
+
+def load_int8_encoders(weights: LoadedWeights, threads: int) -> OnnxEncoders:
+    entry = int8_entry(weights)
+    if entry is None:
+        raise FileNotFoundError(f"no {INT8_FILE} made from these weights (sha256 {weights.manifest['sha256'][:12]}…): "
+                                "run ipdfer export-onnx --int8-calibration <folder of face crops>, "
+                                "or use IPDFER_PRECISION=fp32")
+    return OnnxEncoders(weights.directory / entry["file"], entry["sha256"], threads)
+
+
+def float_nodes(graph) -> list[str]:
+    """Nodes kept in fp32: everything before the first convolution (the mirror
+    image and E_exp's upsampling of the input) and the nodes of FLOAT_MODULES."""
+    keep, seen_conv = [], False
+    for node in graph.node:
+        seen_conv = seen_conv or node.op_type == "Conv"
+        meta = {p.key: p.value for p in node.metadata_props}
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        if not seen_conv or any(s in FLOAT_MODULES for s in scopes):
+            keep.append(node.name)
+    return keep
+
+
+def calibration_faces(folder: Path, weights: LoadedWeights, count: int, seed: int = 0) -> np.ndarray:
+    """The encoders' input for `count` face crops drawn (seeded) from `folder`,
+    aligned as the service aligns `aligned=true` crops."""
+    from model import faces as facelib
+    from model.images import load_image
+    from model.inference import Analyzer
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < count:
+        raise ValueError(f"{folder} holds {len(files)} images; {count} face crops are needed")
+    random.Random(seed).shuffle(files)
+    analyzer = Analyzer(weights, device="cpu", precision="fp32", runtime="torch")
+    aligned: list[np.ndarray] = []
+    for start in range(0, count, 64):
+        images = [load_image(f) for f in files[start:min(start + 64, count)]]
+        for faces in analyzer.pipeline.process(images, aligned=True, max_faces=[1] * len(images)):
+            aligned += [f.aligned for f in faces]
+    return facelib.to_model_input(np.stack(aligned)).numpy()
+
+
+def export_int8(weights_dir: Path, calibration: Path, faces: int = CALIBRATION_FACES,
+                check_faces: int = CHECK_FACES) -> dict:
+    """Write `encoders.int8.onnx` beside the weights (their fp32 graph must be
+    there: `export_onnx`) and record it in their manifest; returns that record."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    loaded = load_weights(weights_dir)
+    source = onnx_entry(loaded)
+    if source is None:
+        raise FileNotFoundError("the int8 graph is made from the fp32 one: run ipdfer export-onnx first")
+    x = calibration_faces(calibration, loaded, faces + check_faces)
+    calib, check = x[:faces], x[faces:]
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.start = 0
+
+        def get_next(self) -> dict | None:
+            if self.start >= len(calib):
+                return None
+            self.start += 32
+            return {INPUT: calib[self.start - 32:self.start]}
+
+    float_graph = loaded.directory / source["file"]
+    keep = float_nodes(onnx.load(str(float_graph)).graph)
+    agreement = {}
+
+    def save_checked(tmp: Path) -> None:  # a graph that fails the check never replaces the old one
+        with tempfile.TemporaryDirectory() as work:
+            prepared = Path(work) / "prepared.onnx"
+            quant_pre_process(str(float_graph), str(prepared))
+            missing = set(keep) - {n.name for n in onnx.load(str(prepared)).graph.node}
+            if missing:
+                raise RuntimeError(f"preprocessing renamed nodes kept in fp32: {sorted(missing)[:5]}")
+            quantize_static(str(prepared), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.Percentile, nodes_to_exclude=keep,
+                            extra_options={"CalibPercentile": PERCENTILE})
+        want = OnnxEncoders(float_graph, source["sha256"], threads=2)
+        got = OnnxEncoders(tmp, sha256_file(tmp), threads=2)
+        a, b = want(torch.from_numpy(check)), got(torch.from_numpy(check))
+        agreement.update(
+            faces=len(check),
+            top_label_agreement=round(float((a["probs"].argmax(1) == b["probs"].argmax(1)).float().mean()), 4),
+            max_abs_prob_diff=round(float((a["probs"] - b["probs"]).abs().max()), 4),
+            mean_abs_pose_diff_deg=round(float((a["pose"] - b["pose"]).abs().mean()), 3))
+        if agreement["top_label_agreement"] < MIN_AGREEMENT:
+            raise RuntimeError(f"the int8 graph agrees with fp32 on {agreement['top_label_agreement']:.1%} of "
+                               f"top labels (< {MIN_AGREEMENT:.0%}): not kept")
+
+    path = atomic_write(weights_dir / INT8_FILE, save_checked)
+    entry = {"file": INT8_FILE, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
+             "source_sha256": loaded.manifest["sha256"], "float_graph_sha256": source["sha256"],
+             "onnxruntime": ort.__version__,
+             "calibration": {"folder": Path(calibration).name, "faces": len(calib), "percentile": PERCENTILE},
+             "float_modules": list(FLOAT_MODULES), "float_nodes": len(keep), "check": agreement}
+    manifest = {**load_weights(weights_dir).manifest, "onnx_int8": entry}
+    atomic_write_text(weights_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return entry

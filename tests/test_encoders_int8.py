@@ -1,0 +1,109 @@
+"""The encoders' int8 graph (weights/encoders.int8.onnx, IPDFER_PRECISION=int8):
+made from the committed weights' fp32 graph, close to it on real faces but
+really quantized, never used for other weights or a re-exported fp32 graph, and
+refused where it cannot run. Its accuracy on all of FER2013 PrivateTest:
+benchmarks/precision_accuracy.py --precisions fp32,int8."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from model import encoders_int8
+from model.encoders_int8 import INT8_FILE, export_int8, float_nodes, int8_entry
+from model.encoders_onnx import ONNX_FILE, onnx_entry
+from model.fileio import sha256_file
+from model.images import load_image
+from model.inference import Analyzer, resolve_precision, resolve_runtime
+from model.weights import DEFAULT_WEIGHTS_DIR, MANIFEST, load_weights
+
+
+def copy_weights(to, names=("ipdfer.pt", MANIFEST, ONNX_FILE, INT8_FILE)):
+    for name in names:
+        shutil.copy(DEFAULT_WEIGHTS_DIR / name, to / name)
+
+
+def test_the_committed_int8_graph_was_made_from_the_committed_fp32_graph():
+    weights = load_weights(DEFAULT_WEIGHTS_DIR)
+    entry = int8_entry(weights)
+    assert entry is not None, weights.manifest.get("onnx_int8")
+    assert entry["float_graph_sha256"] == onnx_entry(weights)["sha256"]
+    assert sha256_file(DEFAULT_WEIGHTS_DIR / INT8_FILE) == entry["sha256"]
+    assert entry["check"]["top_label_agreement"] >= encoders_int8.MIN_AGREEMENT
+    assert resolve_precision(torch.device("cpu")) == "fp32"   # int8 is asked for, never the default
+
+
+def test_int8_stays_close_to_fp32_on_real_faces_and_is_really_quantized(shared_dir):
+    files = sorted((shared_dir / "data" / "fer2013" / "test" / "happy").glob("PrivateTest_*.jpg"))[:48]
+    assert len(files) == 48, shared_dir
+    images = [load_image(f) for f in files]
+    int8 = Analyzer.load(device="cpu", precision="int8")
+    fp32 = Analyzer.load(device="cpu", precision="fp32")
+    assert int8.info["precision"] == "int8" and int8.info["runtime"] == "onnxruntime"
+    args = ([True] * 48, [1] * 48, [False] * 48)
+    a = [faces[0] for faces in int8.analyze(images, *args)]
+    b = [faces[0] for faces in fp32.analyze(images, *args)]
+    same = np.mean([fa.label == fb.label for fa, fb in zip(a, b)])
+    dp = np.array([[fa.probabilities[k] - fb.probabilities[k] for k in fa.probabilities] for fa, fb in zip(a, b)])
+    dpose = np.array([[fa.pose[k] - fb.pose[k] for k in fa.pose] for fa, fb in zip(a, b)])
+    assert same >= 0.9, same
+    assert np.abs(dp).max() < 0.3 and np.abs(dpose).mean() < 1.0, (np.abs(dp).max(), np.abs(dpose).mean())
+    assert np.abs(dp).max() > 1e-3   # not the fp32 graph under another name
+    # renders do not use the graph: the same neutral face in both precisions
+    assert int8.render([a[0].state]) == fp32.render([b[0].state])
+
+
+def test_int8_is_refused_where_it_cannot_run(tmp_path):
+    weights = load_weights(DEFAULT_WEIGHTS_DIR)
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_precision(torch.device("cuda"), "int8")
+    with pytest.raises(ValueError, match="int8 is the encoders' graph"):
+        resolve_runtime(weights, torch.device("cpu"), "int8", "torch")
+    with pytest.raises(ValueError, match="mirror pass"):
+        Analyzer.load(device="cpu", precision="int8", flip_tta=not weights.config.flip_tta)
+    copy_weights(tmp_path, names=("ipdfer.pt", MANIFEST, ONNX_FILE))   # no int8 graph beside them
+    with pytest.raises(FileNotFoundError, match="--int8-calibration"):
+        Analyzer.load(tmp_path, device="cpu", precision="int8")
+    assert Analyzer.load(tmp_path, device="cpu").precision == "fp32"
+
+
+def test_an_int8_graph_of_an_older_fp32_graph_is_never_used(tmp_path):
+    copy_weights(tmp_path)
+    assert int8_entry(load_weights(tmp_path)) is not None
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["onnx_int8"]["float_graph_sha256"] = "0" * 64   # made from a graph since re-exported
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    assert int8_entry(load_weights(tmp_path)) is None
+    with pytest.raises(FileNotFoundError, match="--int8-calibration"):
+        Analyzer.load(tmp_path, device="cpu", precision="int8")
+
+
+def test_the_fp32_nodes_are_the_input_stage_and_mobilenets_first_three_modules():
+    graph = onnx.load(str(DEFAULT_WEIGHTS_DIR / ONNX_FILE)).graph
+    keep = set(float_nodes(graph))
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    # MobileNetV2's features 0, 1 and 2 hold its first six convolutions
+    assert [c for c in convs if c in keep] == convs[:6]
+    ops = {n.op_type for n in graph.node if n.name in keep}
+    assert {"Slice", "Concat", "Resize"} <= ops   # the mirror image and the upsampling
+    assert not any(n.op_type == "Gemm" and n.name in keep for n in graph.node)
+
+
+def test_export_int8_calibrates_checks_and_records(tmp_path, shared_dir, monkeypatch):
+    copy_weights(tmp_path, names=("ipdfer.pt", MANIFEST, ONNX_FILE))
+    crops = shared_dir / "data" / "fer2013" / "train"
+    entry = export_int8(tmp_path, crops, faces=32, check_faces=64)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["onnx_int8"] == entry and entry["calibration"]["faces"] == 32
+    assert entry["sha256"] == sha256_file(tmp_path / INT8_FILE)
+    assert entry["check"]["faces"] == 64 and entry["check"]["top_label_agreement"] >= 0.95
+    assert Analyzer.load(tmp_path, device="cpu", precision="int8").runtime == "onnxruntime"
+    # a graph that fails the check never replaces the one there
+    monkeypatch.setattr(encoders_int8, "MIN_AGREEMENT", 1.01)
+    with pytest.raises(RuntimeError, match="not kept"):
+        export_int8(tmp_path, crops, faces=32, check_faces=32)
+    assert sha256_file(tmp_path / INT8_FILE) == entry["sha256"]
+    with pytest.raises(ValueError, match="images"):
+        export_int8(tmp_path, tmp_path, faces=32)
