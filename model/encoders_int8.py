@@ -78,16 +78,16 @@ def calibration_faces(folder: Path, weights: LoadedWeights, count: int, seed: in
     aligned as the service aligns `aligned=true` crops."""
     from model import faces as facelib
     from model.images import load_image
-    from model.inference import Analyzer
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < count:
         raise ValueError(f"{folder} holds {len(files)} images; {count} face crops are needed")
     random.Random(seed).shuffle(files)
-    analyzer = Analyzer(weights, device="cpu", precision="fp32", runtime="torch")
+    pipeline = facelib.FacePipeline(facelib.FaceDetector(device="cpu", runtime="torch"),
+                                    size=weights.config.image_size, device="cpu")
     aligned: list[np.ndarray] = []
     for start in range(0, count, 64):
         images = [load_image(f) for f in files[start:min(start + 64, count)]]
-        for faces in analyzer.pipeline.process(images, aligned=True, max_faces=[1] * len(images)):
+        for faces in pipeline.process(images, aligned=True, max_faces=[1] * len(images)):
             aligned += [f.aligned for f in faces]
     return facelib.to_model_input(np.stack(aligned)).numpy()
 

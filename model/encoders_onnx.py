@@ -110,23 +110,3 @@ def export_onnx(weights_dir: Path, opset: int = 18, check_batches: tuple[int, ..
     atomic_write_text(weights_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return entry
 
-
-def add_arguments(p) -> None:
-    from model.weights import DEFAULT_WEIGHTS_DIR
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR, help="weights folder")
-    p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--int8-calibration", type=Path, metavar="DIR",
-                   help="instead: make the int8 graph (IPDFER_PRECISION=int8) from the fp32 graph already there, "
-                        "its activation ranges taken over face crops drawn from DIR (e.g. FER2013's training images)")
-    p.add_argument("--int8-faces", type=int, default=512, help="face crops to calibrate on (~12 MB of memory each)")
-
-
-def run(args) -> int:
-    from model.faces.mtcnn_onnx import SUBFOLDER, export_mtcnn_onnx
-    if args.int8_calibration:
-        from model.encoders_int8 import export_int8
-        print(json.dumps({"int8": export_int8(args.weights, args.int8_calibration, args.int8_faces)}))
-        return 0
-    print(json.dumps(export_onnx(args.weights, opset=args.opset)))
-    print(json.dumps({"mtcnn": export_mtcnn_onnx(args.weights / SUBFOLDER, opset=args.opset)}))
-    return 0
