@@ -117,7 +117,7 @@ def export_mtcnn_onnx(folder: Path = FOLDER, opset: int = 18) -> dict:
     for net, cls, shapes in (("pnet", PNet, [(1, 67, 67), (3, 34, 47)]),
                              ("rnet", RNet, [(1, 24, 24), (37, 24, 24)]),
                              ("onet", ONet, [(1, 48, 48), (9, 48, 48)])):
-        module = _ChannelsLastInput(cls().eval())
+        module = _ChannelsLastInput(cls()).eval()
         batch = torch.export.Dim("batch", min=1, max=65536)
         dims = {0: batch}
         if net == "pnet":  # the pyramid: any size from MTCNN's 12 px up
