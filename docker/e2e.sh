@@ -268,7 +268,8 @@ while [ "$(docker inspect -f '{{.RestartCount}}' "$WORKER")" -le "$RESTARTS" ]; 
     [ "$(elapsed "$T_KILL" | cut -d. -f1)" -lt 60 ] || die "the worker was not restarted within 60 s"
     sleep 0.5
 done
-EXIT=$(docker events --since "${T_KILL%.*}" --until "$(date +%s)" --filter "container=$WORKER" --filter event=die \
+# --until with the fraction: cut to the second, it leaves out a die event of the current second
+EXIT=$(docker events --since "${T_KILL%.*}" --until "$(date +%s.%N)" --filter "container=$WORKER" --filter event=die \
     --format '{{index .Actor.Attributes "exitCode"}}' | head -1)
 say "restarted by the restart policy $(elapsed "$T_KILL") s after the kill (died with exit code $EXIT," \
     "RestartCount $(docker inspect -f '{{.RestartCount}}' "$WORKER"))"
