@@ -105,9 +105,9 @@ class Pipeline:
                                  precision=settings.precision, runtime=settings.runtime,
                                  min_face_size=settings.min_face_size)
         analyzer.warmup()
-        log.info("model %s loaded and warmed up on %s (encoders: %s, MTCNN: %s) in %.1f s",
+        log.info("model %s loaded and warmed up on %s (encoders: %s %s, MTCNN: %s) in %.1f s",
                  analyzer.info.get("sha256", "")[:12], analyzer.info.get("device"), analyzer.runtime,
-                 analyzer.info["detector_runtime"], time.perf_counter() - t0)
+                 analyzer.precision, analyzer.info["detector_runtime"], time.perf_counter() - t0)
         return cls(analyzer, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes,
                    min_side=settings.min_image_side, max_faces=settings.max_faces,
                    decode_max_side=settings.decode_max_side, worker=worker,
