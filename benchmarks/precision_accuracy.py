@@ -3,9 +3,10 @@ FER2013 PrivateTest through the service's own path for face crops (`Analyzer`,
 aligned=True, as `ipdfer predict --aligned` runs it), once per variant, in one
 run: accuracy, agreement of the top label with the first variant, largest
 probability difference, and encoder time. A variant is a precision, with
-`-noflip` for `flip_tta=False` (IPDFER_FLIP_TTA=false).
+`-noflip` for `flip_tta=False` (IPDFER_FLIP_TTA=false; not with int8, whose graph
+is the encoders as served). int8 runs on the CPU whatever the device.
 
-    .venv/bin/python benchmarks/precision_accuracy.py [--data ../shared/data] [--precisions fp32,bf16,int8,fp32-noflip]
+    .venv/bin/python benchmarks/precision_accuracy.py [--data ../shared/data] [--weights weights] [--precisions fp32,bf16,int8,fp32-noflip]
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("IPDFER_DATA", REPO.parent / "shared" / "data")),
                     help="folder holding fer2013/test/<emotion>/PrivateTest_*.jpg")
-    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16, int8, each optionally -noflip")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16, int8, each but int8 optionally -noflip")
+    ap.add_argument("--weights", type=Path, help="weights folder (default: the package's weights/)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--limit", type=int, help="at most N images")
     args = ap.parse_args()
@@ -38,7 +40,9 @@ def main() -> None:
     images = [load_image(f) for f in files]
     probs, poses, seconds = {}, {}, {}
     for precision in args.precisions.split(","):
-        analyzer = Analyzer.load(precision=precision.removesuffix("-noflip"), flip_tta=False if precision.endswith("-noflip") else None)
+        name = precision.removesuffix("-noflip")
+        analyzer = Analyzer.load(args.weights, device="cpu" if name == "int8" else None, precision=name,
+                                 flip_tta=False if precision.endswith("-noflip") else None)
         analyzer.warmup()
         out, pose, t = [], [], 0.0
         for s in range(0, len(images), args.batch):

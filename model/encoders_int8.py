@@ -42,23 +42,37 @@ MIN_AGREEMENT = 0.95
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def int8_entry(weights: LoadedWeights) -> dict | None:
-    """The manifest's record of the int8 graph, when it was made from these weights'
-    fp32 graph as it is now and its file is there."""
+REMAKE = "ipdfer export-onnx --int8-calibration <folder of face crops>"
+
+
+def int8_status(weights: LoadedWeights) -> tuple[dict | None, str]:
+    """(the manifest's record of the int8 graph, "") when it was made from these
+    weights' fp32 graph as it is now and its file is there, else (None, why not and
+    what to run)."""
     entry, source = weights.manifest.get("onnx_int8"), onnx_entry(weights)
-    if (entry and source and entry.get("source_sha256") == weights.manifest["sha256"]
-            and entry.get("float_graph_sha256") == source["sha256"] and (weights.directory / entry["file"]).is_file()):
-        return entry
-    return None
+    if source is None:
+        return None, (f"these weights have no fp32 encoders graph to quantize: run ipdfer export-onnx, then {REMAKE}")
+    if not entry:
+        return None, f"no int8 graph was made from these weights: run {REMAKE}"
+    if entry.get("source_sha256") != weights.manifest["sha256"]:
+        return None, f"the int8 graph was made from other weights: run {REMAKE}"
+    if entry.get("float_graph_sha256") != source["sha256"]:
+        return None, f"the int8 graph was made from an earlier export of the fp32 graph: run {REMAKE}"
+    if not (weights.directory / entry["file"]).is_file():
+        return None, f"{entry['file']} is missing beside the weights: run {REMAKE}"
+    return entry, ""
+
+
+def int8_entry(weights: LoadedWeights) -> dict | None:
+    return int8_status(weights)[0]
 
 
 def load_int8_encoders(weights: LoadedWeights, threads: int) -> OnnxEncoders:
-    entry = int8_entry(weights)
+    entry, why = int8_status(weights)
     if entry is None:
-        raise FileNotFoundError(f"no {INT8_FILE} made from these weights (sha256 {weights.manifest['sha256'][:12]}…): "
-                                "run ipdfer export-onnx --int8-calibration <folder of face crops>, "
-                                "or use IPDFER_PRECISION=fp32")
-    return OnnxEncoders(weights.directory / entry["file"], entry["sha256"], threads)
+        raise FileNotFoundError(f"IPDFER_PRECISION=int8: {why}; or use IPDFER_PRECISION=fp32")
+    return OnnxEncoders(weights.directory / entry["file"], entry["sha256"], threads,
+                        fix=f": remake it ({REMAKE}) or use IPDFER_PRECISION=fp32")
 
 
 def float_nodes(graph) -> list[str]:
@@ -106,7 +120,7 @@ def export_int8(weights_dir: Path, calibration: Path, faces: int = CALIBRATION_F
     loaded = load_weights(weights_dir)
     source = onnx_entry(loaded)
     if source is None:
-        raise FileNotFoundError("the int8 graph is made from the fp32 one: run ipdfer export-onnx first")
+        raise FileNotFoundError("the int8 graph is made from the fp32 one (encoders.onnx): run ipdfer export-onnx first")
     x = calibration_faces(calibration, loaded, faces + check_faces)
     calib, check = x[:faces], x[faces:]
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from model.fileio import atomic_write, atomic_write_text, sha256_file
-from model.onnx_runtime import cpu_session
+from model.onnx_runtime import REEXPORT, cpu_session
 from model.weights import MANIFEST, LoadedWeights, load_weights
 
 ONNX_FILE = "encoders.onnx"
@@ -59,8 +59,8 @@ class OnnxEncoders:
     """Runs the exported graph: a (N, 1, S, S) float tensor in, `encode`'s dict out
     (torch tensors on the CPU)."""
 
-    def __init__(self, path: Path, sha256: str, threads: int) -> None:
-        self.session = cpu_session(path, sha256, threads)
+    def __init__(self, path: Path, sha256: str, threads: int, fix: str = REEXPORT) -> None:
+        self.session = cpu_session(path, sha256, threads, fix)
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = self.session.run(list(OUTPUTS), {INPUT: x.detach().cpu().float().numpy()})

@@ -6,9 +6,10 @@ Needs the `export` extra (onnx, onnxscript)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from model.encoders_int8 import export_int8, int8_entry
+from model.encoders_int8 import export_int8, int8_status
 from model.encoders_onnx import export_onnx
 from model.faces.mtcnn_onnx import SUBFOLDER, export_mtcnn_onnx
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
@@ -30,7 +31,7 @@ def run(args) -> int:
     print(json.dumps(export_onnx(args.weights, opset=args.opset)))
     print(json.dumps({"mtcnn": export_mtcnn_onnx(args.weights / SUBFOLDER, opset=args.opset)}))
     weights = load_weights(args.weights)
-    if "onnx_int8" in weights.manifest and int8_entry(weights) is None:
-        print("note: the int8 graph was made from the previous fp32 graph and is no longer used; "
-              "remake it: ipdfer export-onnx --int8-calibration <folder of face crops>")
+    entry, why = int8_status(weights)
+    if "onnx_int8" in weights.manifest and entry is None:
+        print(f"note: IPDFER_PRECISION=int8 is no longer usable: {why}", file=sys.stderr)
     return 0

@@ -110,7 +110,8 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     if precision == "int8" and device.type != "cpu":
-        raise ValueError("int8 runs the encoders' quantized graph in ONNX Runtime on the CPU only")
+        raise ValueError("int8 runs the encoders' quantized graph in ONNX Runtime on the CPU only "
+                         "(IPDFER_DEVICE=cpu), not on " + device.type)
     if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise ValueError("bf16 asked for, but this CPU has no native bf16 (AVX-512 BF16 / AMX)")
     return precision
@@ -227,10 +228,13 @@ class Analyzer:
 
     # -- batched building blocks -------------------------------------------
     @torch.inference_mode()
-    def _encode(self, aligned: list[np.ndarray], flip_tta: bool | None = None) -> dict[str, torch.Tensor]:
+    def _encode(self, aligned: list[np.ndarray], flip_tta: bool | None = None,
+                exact: bool = False) -> dict[str, torch.Tensor]:
+        """`exact`: never the int8 graph (the codes a render starts from)."""
         x = facelib.to_model_input(np.stack(aligned)).to(self.device)
         flip_tta = self.flip_tta if flip_tta is None else flip_tta
-        if self._onnx is not None and flip_tta == self.flip_tta:  # the graph is the encoders as served
+        graph = self._onnx is not None and not (exact and self.precision == "int8")
+        if graph and flip_tta == self.flip_tta:  # the graph is the encoders as served
             return self._onnx(x)
         with self._autocast:
             out = self.model.encode(x, flip_tta=flip_tta)
@@ -243,8 +247,9 @@ class Analyzer:
     @torch.inference_mode()
     def _render(self, states: list[FaceState], enc: dict[str, torch.Tensor] | None = None,
                 residue: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        # a render needs pose and expression codes, not probabilities: no mirror pass
-        enc = enc or self._encode([s.aligned for s in states], flip_tta=False)
+        # a render needs pose and expression codes, not probabilities: no mirror pass;
+        # in fp32 (not int8), so that /predict and /neutralize render the same face
+        enc = enc or self._encode([s.aligned for s in states], flip_tta=False, exact=True)
         identity = self._identity_codes([s.chip for s in states])
         face = target = None
         if self.model.edits_input:
@@ -297,8 +302,8 @@ class Analyzer:
         states = [FaceState(f.aligned, f.chip, f.large) for _, f in flat]
         want = [k for k, (i, _) in enumerate(flat) if neutral[i]]
         renders = {}
-        if want:
-            sub = {key: v[want] for key, v in enc.items()}
+        if want:  # the codes just computed, unless they came from the int8 graph (`_render`)
+            sub = {key: v[want] for key, v in enc.items()} if self.precision != "int8" else None
             rendered, _ = self._render([states[k] for k in want], sub)
             renders = {k: png_bytes(img) for k, img in zip(want, rendered)}
         for k, (i, f) in enumerate(flat):

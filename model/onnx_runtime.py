@@ -14,11 +14,14 @@ def check_runtime(runtime: str) -> None:
         raise ValueError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
 
 
-def cpu_session(path: Path, sha256: str, threads: int):
-    """An ONNX Runtime CPU session of the graph at `path`, refused unless its sha256
-    is the recorded one."""
+REEXPORT = ": re-export it (ipdfer export-onnx) or set IPDFER_RUNTIME=torch"
+
+
+def cpu_session(path: Path, sha256: str, threads: int, fix: str = REEXPORT):
+    """An ONNX Runtime CPU session of the graph at `path`, refused (with `fix`, what
+    to do about it) unless its sha256 is the recorded one."""
     import onnxruntime as ort
-    require_sha256(path, sha256, ": re-export it (ipdfer export-onnx) or set IPDFER_RUNTIME=torch")
+    require_sha256(path, sha256, fix)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
                             "CPU. bf16 (CPUs with native bf16: AVX-512 BF16 / AMX) was 11% faster at 16 clients "
                             "and slower for a lone client, and moves probabilities by up to 0.04; asked for on "
                             "a CPU without it, it is refused. int8 (CPU): the encoders' quantized graph "
-                            "(weights/encoders.int8.onnx) in ONNX Runtime, 1.4-1.7x the faces/s; FER2013 test "
+                            "(weights/encoders.int8.onnx) in ONNX Runtime, 1.6-1.7x the faces/s on one thread, 1.2-1.4x on two; FER2013 test "
                             "67.68% vs 67.82%, same top label for 97.8% of faces. Renders stay fp32.")
     min_face_size: int = Field(40, ge=12, description="Smallest face MTCNN looks for, in pixels of the photo "
                                "as detected (after the 1280 px cap). 40: the smallest faces the model was trained "
