@@ -40,8 +40,6 @@ CALIBRATION_FACES, CHECK_FACES = 512, 256
 PERCENTILE = 99.999
 MIN_AGREEMENT = 0.95
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
 REMAKE = "ipdfer export-onnx --int8-calibration <folder of face crops>"
 
 
@@ -51,7 +49,7 @@ def int8_status(weights: LoadedWeights) -> tuple[dict | None, str]:
     what to run)."""
     entry, source = weights.manifest.get("onnx_int8"), onnx_entry(weights)
     if source is None:
-        return None, (f"these weights have no fp32 encoders graph to quantize: run ipdfer export-onnx, then {REMAKE}")
+        return None, f"these weights have no fp32 encoders graph to quantize: run ipdfer export-onnx, then {REMAKE}"
     if not entry:
         return None, f"no int8 graph was made from these weights: run {REMAKE}"
     if entry.get("source_sha256") != weights.manifest["sha256"]:
