@@ -165,6 +165,6 @@ def export_int8(weights_dir: Path, calibration: Path, faces: int = CALIBRATION_F
              "onnxruntime": ort.__version__,
              "calibration": {"folder": Path(calibration).name, "faces": len(calib), "percentile": PERCENTILE},
              "float_modules": list(FLOAT_MODULES), "float_nodes": len(keep), "check": agreement}
-    manifest = {**load_weights(weights_dir).manifest, "onnx_int8": entry}
+    manifest = {**loaded.manifest, "onnx_int8": entry}
     atomic_write_text(weights_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return entry

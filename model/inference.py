@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from model import faces as facelib
-from model.faces.mtcnn_onnx import SUBFOLDER as MTCNN_SUBFOLDER
+from model.faces.mtcnn_onnx import MANIFEST as MTCNN_MANIFEST, SUBFOLDER as MTCNN_SUBFOLDER
 from model.labels import EXPRESSIONS
 from model.onnx_runtime import check_runtime
 from model.nets.serving import inference_form
@@ -151,7 +151,7 @@ def mtcnn_folder(weights: LoadedWeights) -> Path | None:
     """MTCNN's graphs: beside the served weights when that folder has them (an
     installed image keeps its weights outside the package), else the shipped ones."""
     folder = weights.directory / MTCNN_SUBFOLDER if weights.directory else None
-    return folder if folder and (folder / "manifest.json").is_file() else None
+    return folder if folder and (folder / MTCNN_MANIFEST).is_file() else None
 
 
 def autocast_for(device: torch.device | str, precision: str):

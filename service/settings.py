@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.onnx_runtime import RUNTIMES
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -113,7 +115,7 @@ class Settings(BaseSettings):
     min_face_size: int = Field(40, ge=12, description="Smallest face MTCNN looks for, in pixels of the photo "
                                "as detected (after the 1280 px cap). 40: the smallest faces the model was trained "
                                "on (FER2013's); 20 also finds smaller ones at ~1.6x the detection time.")
-    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+    runtime: Literal[RUNTIMES] = Field(
         "auto", description="What runs the per-request encoders and MTCNN's networks: auto = ONNX Runtime "
                             "on the CPU in fp32 when the weights folder has its encoders.onnx and weights/mtcnn/ "
                             "the graphs of the installed facenet-pytorch (ipdfer export-onnx; encoders 2.7x the "

@@ -144,7 +144,7 @@ def export_mtcnn_onnx(folder: Path = FOLDER, opset: int = 18) -> dict:
 
         path = atomic_write(folder / f"{net}.onnx", save_checked)
         manifest[net] = {"file": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
-                         "source": f"facenet_pytorch/data/{net}.pt", "source_sha256": sha256_file(source_file(net)),
+                         "source": f"facenet_pytorch/data/{net}.pt", "source_sha256": _installed_sha256(net),
                          "max_abs_diff": float(np.float32(worst))}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
