@@ -553,6 +553,31 @@ def test_bounded_mtcnn_equals_facenet_pytorch_below_its_bounds(detector, muxspac
                 np.testing.assert_allclose(p[mine], rpts[ref], atol=1e-3)
 
 
+def test_mtcnn_steps_in_numpy_are_facenet_pytorchs_bit_for_bit():
+    """The steps between MTCNN's networks are facenet-pytorch's torch helpers rewritten
+    in NumPy: the same float32 values, not merely close ones."""
+    from facenet_pytorch.models.utils.detect_face import bbreg, generateBoundingBox, pad, rerec
+
+    from model.faces.mtcnn import _clamped, _pnet_boxes, _regressed, _squared
+    rng = np.random.default_rng(3)
+    reg = rng.standard_normal((3, 4, 29, 37)).astype(np.float32)
+    probs = (rng.random((3, 29, 37)) ** 6).astype(np.float32)
+    for scale in (0.3, 0.3 * 0.709 ** 4):
+        want, want_inds = generateBoundingBox(torch.from_numpy(reg), torch.from_numpy(probs), scale, 0.6)
+        got, got_inds = _pnet_boxes(reg, probs, scale, 0.6)
+        assert len(got) > 10
+        np.testing.assert_array_equal(got, want.numpy())
+        np.testing.assert_array_equal(got_inds, want_inds.numpy())
+    boxes = np.concatenate([rng.uniform(-20, 300, (64, 2)), rng.uniform(-20, 300, (64, 2)) + 40,
+                            rng.random((64, 1))], 1).astype(np.float32)
+    offsets = rng.normal(0, 0.2, (64, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_squared(boxes.copy()), rerec(torch.from_numpy(boxes.copy())).numpy())
+    np.testing.assert_array_equal(_regressed(boxes.copy(), offsets),
+                                  bbreg(torch.from_numpy(boxes.copy()), torch.from_numpy(offsets)).numpy())
+    for got, want in zip(_clamped(boxes, 250, 230), pad(torch.from_numpy(boxes), 250, 230), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_summed_area_resampling_equals_torch_area_interpolation():
     """MTCNN's crops and pyramid come from summed-area tables; facenet-pytorch resamples
     with `interpolate(mode="area")`. Same means for shrinking, enlarging (regions
@@ -583,16 +608,16 @@ def test_mtcnn_crops_boxes_partly_outside_as_facenet_pytorch_and_drops_boxes_who
 
     from model.faces.mtcnn import AreaResampler, _crops, _with_pixels
     images = np.random.default_rng(1).integers(0, 256, (2, 50, 70, 3), dtype=np.uint8)
-    boxes = torch.tensor([[10.3, 5.7, 40.2, 30.9, .9],   # inside
-                          [-8.0, -3.0, 20.0, 12.0, .9],  # over the top-left corner
-                          [60.0, 40.0, 90.0, 66.0, .9],  # over the bottom-right corner
-                          [0.5, 0.2, 1.4, 1.1, .9],      # one pixel, enlarged
-                          [80.0, 10.0, 95.0, 30.0, .9]])  # wholly right of the image
-    kept, inds = _with_pixels(boxes, torch.tensor([0, 1, 0, 1, 0]), 70, 50)
-    assert torch.equal(kept, boxes[:4])
+    boxes = np.array([[10.3, 5.7, 40.2, 30.9, .9],   # inside
+                      [-8.0, -3.0, 20.0, 12.0, .9],  # over the top-left corner
+                      [60.0, 40.0, 90.0, 66.0, .9],  # over the bottom-right corner
+                      [0.5, 0.2, 1.4, 1.1, .9],      # one pixel, enlarged
+                      [80.0, 10.0, 95.0, 30.0, .9]], np.float32)  # wholly right of the image
+    kept, inds = _with_pixels(boxes, np.array([0, 1, 0, 1, 0]), 70, 50)
+    np.testing.assert_array_equal(kept, boxes[:4])
     got = _crops(AreaResampler(images), kept, inds, 70, 50, 24)
     reference = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    y, ey, x, ex = pad(kept, 70, 50)
+    y, ey, x, ex = pad(torch.from_numpy(kept), 70, 50)   # facenet-pytorch's own
     want = torch.cat([imresample(reference[inds[k], :, y[k] - 1:ey[k], x[k] - 1:ex[k]].unsqueeze(0), (24, 24))
                       for k in range(len(kept))])
     np.testing.assert_allclose(got, ((want - 127.5) * 0.0078125).permute(0, 2, 3, 1).numpy(), atol=1e-5)

@@ -68,7 +68,7 @@ def read_manifest(folder: Path = FOLDER) -> dict | None:
 
 
 class OnnxNets:
-    """`nets(name, pixels)`: the network's outputs (torch tensors) for (K, h, w, 3)
+    """`nets(name, pixels)`: the network's outputs (NumPy arrays) for (K, h, w, 3)
     float32 pixels, normalised as MTCNN wants them, channels last as
     `AreaResampler` gives them (the graphs take that layout)."""
 
@@ -78,8 +78,8 @@ class OnnxNets:
         self.sessions = {net: cpu_session(folder / manifest[net]["file"], manifest[net]["sha256"], threads)
                          for net in NETS}
 
-    def __call__(self, net: str, pixels: np.ndarray) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.from_numpy(o) for o in self.sessions[net].run(None, {INPUT: pixels}))
+    def __call__(self, net: str, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self.sessions[net].run(None, {INPUT: pixels}))
 
 
 def select_nets(mtcnn, runtime: str = "auto", folder: Path = FOLDER):
