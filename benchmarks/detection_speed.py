@@ -10,6 +10,10 @@ detection as the service does).
 `--min-face-sizes 20,40` instead compares MTCNN's smallest face size: faces found,
 time and landmark movement on FER2013 test crops and muxspace photos.
 
+`--graphs DIR` instead compares the shipped MTCNN graphs (weights/mtcnn/) with
+those in DIR (an earlier export copied aside): speed on one thread, interleaved,
+faces found and landmark movement.
+
 `--caps` instead compares two `batch_pixels` caps (padded pixels per MTCNN call)
 on muxspace photos resized to 224, 448 and 640 px, sent in batches of 8, on one
 thread, interleaved three times: why the default is 600,000.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -108,6 +113,35 @@ def compare_min_face(root, folder: str, sizes: list[int], batch: int) -> None:
                   f"{np.median(moved) if moved else float('nan'):.2f} px", flush=True)
 
 
+def compare_graphs(root, other: Path, folder: str, rounds: int = 3) -> None:
+    """The shipped MTCNN graphs (weights/mtcnn/) against those in `other` (e.g. an
+    earlier export, copied aside first), one thread, interleaved: ms an image for
+    muxspace photos at 224 px alone and in batches of 8; then faces found and the
+    largest landmark difference on the folder's images and those photos."""
+    import json
+
+    from model.faces.mtcnn_onnx import FOLDER, MANIFEST, OnnxNets
+    torch.set_num_threads(1)
+    photos = [cv2.resize(load_image(f), (224, 224)) for f in sorted((root / "muxspace" / "images").glob("*.jpg"))[:64]]
+    detectors = {}
+    for name, graphs in (("shipped", FOLDER), (str(other), other)):
+        detectors[name] = FaceDetector(min_face_size=40)
+        detectors[name].nets = OnnxNets(json.loads((graphs / MANIFEST).read_text()), graphs)
+        for batch in (1, 8):   # warm-up, both batch shapes
+            detect_all(detectors[name], photos[:16], batch)
+    for _ in range(rounds):
+        row = [f"{name} {batch}: {1000 * detect_all(d, photos, batch)[1] / len(photos):.2f}"
+               for batch in (1, 8) for name, d in detectors.items()]
+        print("224 px photos, ms an image (batch size): " + ", ".join(row), flush=True)
+    crops = [load_image(f) for f in sorted((root / folder).rglob("*.jpg"))]
+    for label, images in ((folder, crops), ("muxspace 224 px", photos)):
+        a, b = (detect_all(d, images, 64)[0] for d in detectors.values())
+        n = [sum(1 for faces in out if faces) for out in (a, b)]
+        print(f"{label}: faces found {n[0]} vs {n[1]} of {len(images)}, same count in "
+              f"{sum(len(x) == len(y) for x, y in zip(a, b))}; largest landmark difference "
+              f"{max(landmark_moves(a, b), default=0.0):.1e} px", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", help="datasets folder (default: env IPDFER_DATA)")
@@ -116,7 +150,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--caps", action="store_true", help="compare batch_pixels caps instead (one thread)")
     ap.add_argument("--min-face-sizes", help="compare MTCNN min_face_size values instead, e.g. 20,40")
+    ap.add_argument("--graphs", type=Path, help="compare the shipped MTCNN graphs with those in this folder instead")
     args = ap.parse_args()
+    if args.graphs:
+        return compare_graphs(require_data_root(args.data_root), args.graphs, args.folder)
     if args.caps:
         return compare_caps(require_data_root(args.data_root))
     torch.set_num_threads(args.threads)
