@@ -9,6 +9,12 @@ Shape of the loop (after Ray Serve's batching.py):
      concurrent load (`busy`: the previous batch had company, or this first get
      found more than one job). A lone job reaching an idle loop runs at once:
      waiting would cost a lone client latency and buy nothing;
+     Where several loops share one queue (batch loops in process, workers on
+     Redis), a loop takes at most its fair share of the jobs outstanding (queued
+     or in any loop's hands): ceil(outstanding / loops), asked once its first job
+     is in hand. A loop that took all 16 queued jobs held most of 16 clients in
+     one long batch while the other loop ran dry: on 2 CPU cores that cost ~10%
+     of the throughput and doubled p99 (benchmarks/load.py);
   3. drain whatever is already there without blocking (never more than the max);
   4. run the batch function; it must return one result per input, and an
      Exception in a slot fails that job only. With a cost function, items that
@@ -27,7 +33,8 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
+import math
+from typing import Any, Awaitable, Callable, Generic, Protocol, Sequence, TypeVar
 
 from service.errors import QueueFull
 
@@ -69,35 +76,54 @@ async def next_batch(
     arrival: Callable[[T], float] | None = None,
     clock: Callable[[], float] = time.monotonic,
     busy: bool = True,
+    share: Callable[[int], Awaitable[int]] | None = None,
 ) -> list[T]:
     """One batch of 1..max_batch_size items, or [] if nothing arrived within
     `idle_timeout`. `arrival(item)` gives an item's arrival time on `clock`;
     without it the time the first item was received counts as its arrival.
     busy=False (the caller's previous batch held one item): a single first item
-    is not held back for company, only what is already queued joins it."""
+    is not held back for company, only what is already queued joins it.
+    share(taken): the most items this loop should hold, asked with the first item
+    in hand (`fair_share`); without it, max_batch_size."""
     # 1. first item(s)
-    batch = await source.get(policy.max_batch_size, idle_timeout)
+    limit = policy.max_batch_size
+    batch = await source.get(1 if share else limit, idle_timeout)
     if not batch:
         return []
+    if share:
+        limit = max(1, min(limit, await share(len(batch))))
+        if limit > len(batch):
+            batch.extend(await source.get(limit - len(batch), 0))
     if not busy and len(batch) == 1:   # no sign of other clients: drain, do not wait
-        batch.extend(await source.get(policy.max_batch_size - 1, 0))
+        if limit > 1:
+            batch.extend(await source.get(limit - 1, 0))
         return batch
     oldest = min(arrival(x) for x in batch) if arrival else clock()
     deadline = oldest + policy.max_wait_s
     # 2. fill until full or the oldest item's deadline
-    while len(batch) < policy.max_batch_size:
+    while len(batch) < limit:
         remaining = deadline - clock()
         if remaining <= 0:
             break
-        more = await source.get(policy.max_batch_size - len(batch), remaining)
+        more = await source.get(limit - len(batch), remaining)
         if not more:
             break
         batch.extend(more)
     # 3. drain what is already queued, without waiting
-    if len(batch) < policy.max_batch_size:
-        batch.extend(await source.get(policy.max_batch_size - len(batch), 0))
-    assert 1 <= len(batch) <= policy.max_batch_size, len(batch)
+    if len(batch) < limit:
+        batch.extend(await source.get(limit - len(batch), 0))
+    assert 1 <= len(batch) <= limit, len(batch)
     return batch
+
+
+def fair_share(outstanding: int, loops: int, max_batch_size: int) -> int:
+    """The most jobs one of `loops` loops sharing a queue should hold when
+    `outstanding` jobs are queued or in the loops' hands (its own included): an
+    equal part, so no loop runs dry while another holds the backlog. A lone loop
+    may fill a whole batch (waiting for company is how it amortizes)."""
+    if loops <= 1:
+        return max_batch_size
+    return max(1, min(max_batch_size, math.ceil(outstanding / loops)))
 
 
 def split_by_cost(policy: BatchPolicy, items: list[T]) -> list[list[int]]:
@@ -171,6 +197,7 @@ class InProcessBatcher(Generic[T, R]):
         self.on_batch = on_batch  # (batch size, seconds in the batch function): metrics hook
         self._tasks: list[asyncio.Task] = []
         self._pools: list[concurrent.futures.ThreadPoolExecutor] = []
+        self._held: list[int] = []   # items in each loop's hands (batch being run)
 
     def start(self, fns: Sequence[Callable[[list[T]], Sequence[R | BaseException]]]) -> None:
         """Start one batch loop per function (call from the event loop)."""
@@ -178,7 +205,8 @@ class InProcessBatcher(Generic[T, R]):
         for i, fn in enumerate(fns):
             pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"batch-{i}")
             self._pools.append(pool)
-            self._tasks.append(loop.create_task(self._run(fn, pool), name=f"batch-loop-{i}"))
+            self._held.append(0)
+            self._tasks.append(loop.create_task(self._run(i, fn, pool), name=f"batch-loop-{i}"))
 
     @property
     def running(self) -> bool:
@@ -196,18 +224,27 @@ class InProcessBatcher(Generic[T, R]):
             raise QueueFull(f"queue full ({self.queue.maxsize} jobs waiting)") from None
         return fut
 
-    async def _run(self, fn: Callable[[list[T]], Sequence[R | BaseException]],
+    async def _share(self, taken: int) -> int:
+        outstanding = self.queue.qsize() + taken + sum(self._held)
+        return fair_share(outstanding, len(self._tasks), self.policy.max_batch_size)
+
+    async def _run(self, index: int, fn: Callable[[list[T]], Sequence[R | BaseException]],
                    pool: concurrent.futures.ThreadPoolExecutor) -> None:
         source: QueueSource[_Pending[T]] = QueueSource(self.queue)
         last_size = 0
         while True:
-            batch = await next_batch(source, self.policy, arrival=lambda p: p.arrived, busy=last_size > 1)
+            batch = await next_batch(source, self.policy, arrival=lambda p: p.arrived, busy=last_size > 1,
+                                     share=self._share)
             last_size = len(batch)
             batch = [p for p in batch if not p.future.done()]  # client gone (timeout, disconnect)
             if not batch:
                 continue
-            for part in split_by_cost(self.policy, [p.item for p in batch]):
-                await self._call(fn, pool, [batch[i] for i in part])
+            self._held[index] = len(batch)
+            try:
+                for part in split_by_cost(self.policy, [p.item for p in batch]):
+                    await self._call(fn, pool, [batch[i] for i in part])
+            finally:
+                self._held[index] = 0
 
     async def _call(self, fn: Callable[[list[T]], Sequence[R | BaseException]],
                     pool: concurrent.futures.ThreadPoolExecutor, batch: list[_Pending[T]]) -> None:
@@ -239,7 +276,7 @@ class InProcessBatcher(Generic[T, R]):
                 await t
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
-        self._tasks = []
+        self._tasks, self._held = [], []
         while not self.queue.empty():
             p = self.queue.get_nowait()
             if not p.future.done():

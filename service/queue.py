@@ -67,6 +67,13 @@ if n >= tonumber(ARGV[1]) then return {'full', tostring(n)} end
 return {'ok', redis.call('XADD', KEYS[1], '*', 'meta', ARGV[3], 'image', ARGV[4])}
 """
 
+_BACKLOG = """
+-- KEYS: stream, workers zset. ARGV: heartbeat ttl ms
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return {redis.call('XLEN', KEYS[1]), redis.call('ZCOUNT', KEYS[2], now - tonumber(ARGV[1]), '+inf')}
+"""
+
 _ANSWER = """
 -- KEYS: answered marker, result list, stream. ARGV: group, entry id, reply, ttl s
 local first = redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[4])
@@ -183,6 +190,7 @@ class RedisQueue:
         self._answer = self.client.register_script(_ANSWER)
         self._dead_letter = self.client.register_script(_DEAD_LETTER)
         self._heartbeat = self.client.register_script(_HEARTBEAT)
+        self._backlog = self.client.register_script(_BACKLOG)
         self._store_faces = self.client.register_script(_STORE_FACES)
         self._claim_cursor = "0-0"
 
@@ -239,6 +247,11 @@ class RedisQueue:
     async def depth(self) -> int:
         """Jobs waiting or in flight."""
         return int(await self.client.xlen(self.stream))
+
+    async def backlog(self) -> tuple[int, int]:
+        """(jobs waiting or in flight, live workers), read at one instant (one round trip)."""
+        jobs, workers = await self._backlog(keys=[self.stream, self.workers], args=[self.heartbeat_ttl_ms])
+        return int(jobs), int(workers)
 
     async def dead_count(self) -> int:
         return int(await self.client.xlen(self.dead))

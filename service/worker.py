@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from redis.exceptions import RedisError
 
-from service.batching import BatchPolicy, call_batch, next_batch, split_by_cost
+from service.batching import BatchPolicy, call_batch, fair_share, next_batch, split_by_cost
 from service.metrics import WorkerMetrics
 from service.pipeline import OP_RENDER, Job, Outcome, job_cost
 from service.queue import QueuedJob, RedisQueue
@@ -69,7 +69,8 @@ class Worker:
                     jobs = await self.queue.reclaim(self.name, self.policy.max_batch_size)
                     if not jobs:
                         jobs = await next_batch(source, self.policy, idle_timeout=1.0,
-                                                arrival=lambda j: j.received, busy=last_size > 1)
+                                                arrival=lambda j: j.received, busy=last_size > 1,
+                                                share=self._share)
                         last_size = len(jobs) if jobs else last_size
                     if jobs:
                         await self.handle(jobs)
@@ -86,6 +87,12 @@ class Worker:
                 pass
             self._pool.shutdown(wait=True)
             log.info("worker %s stopped after %d batches", self.name, self.batches)
+
+    async def _share(self, taken: int) -> int:
+        """This worker's fair share of the stream's jobs (service/batching.py); the
+        jobs it has just read are in the stream already."""
+        outstanding, workers = await self.queue.backlog()
+        return fair_share(outstanding, workers, self.policy.max_batch_size)
 
     async def _sleep(self, seconds: float) -> None:
         try:

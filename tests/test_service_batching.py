@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from service.batching import (
-    BatchPolicy, BatchSizeMismatch, InProcessBatcher, QueueSource, call_batch, next_batch,
+    BatchPolicy, BatchSizeMismatch, InProcessBatcher, QueueSource, call_batch, fair_share, next_batch,
 )
 from service.errors import QueueFull
 
@@ -197,6 +197,51 @@ def test_in_process_batcher_two_loops_never_share_a_function():
 
     assert run(go()) == list(range(12))
     assert max(overlaps) == 1
+
+
+def test_fair_share_leaves_work_for_the_other_loops():
+    assert fair_share(16, loops=2, max_batch_size=16) == 8
+    assert fair_share(5, loops=2, max_batch_size=16) == 3
+    assert fair_share(1, loops=2, max_batch_size=16) == 1
+    assert fair_share(0, loops=3, max_batch_size=16) == 1
+    assert fair_share(100, loops=2, max_batch_size=16) == 16
+    assert fair_share(3, loops=1, max_batch_size=16) == 16   # a lone loop may wait to fill a batch
+    assert fair_share(3, loops=0, max_batch_size=16) == 16   # no live worker seen (heartbeat late)
+
+
+def test_a_loop_takes_only_its_share_of_what_is_queued():
+    asked = []
+
+    async def share(taken):
+        asked.append(taken)
+        return 4
+
+    source = ScriptedSource([[1], [2, 3, 4]])
+    batch = run(next_batch(source, BatchPolicy(max_batch_size=16, max_wait_s=1000.0), share=share))
+    assert batch == [1, 2, 3, 4] and asked == [1]
+    assert source.calls == [(1, None), (3, 0)]   # one item first, then the share: full, no wait
+
+
+def test_two_loops_split_a_burst_instead_of_one_taking_it_all():
+    sizes: list[int] = []
+
+    def make(k):
+        def fn(items):
+            sizes.append(len(items))
+            time.sleep(0.05)
+            return items
+        return fn
+
+    async def go():
+        b = InProcessBatcher(BatchPolicy(max_batch_size=16, max_wait_s=0.0))
+        futs = [b.submit(i) for i in range(16)]   # queued before either loop looks
+        b.start([make(0), make(1)])
+        out = await asyncio.gather(*futs)
+        await b.stop()
+        return out
+
+    assert run(go()) == list(range(16))
+    assert sizes == [8, 8]   # greedy, the first loop took all 16 and the second ran dry
 
 
 def test_a_lone_item_on_an_idle_loop_is_not_held_back():

@@ -14,7 +14,8 @@ from service.errors import NoWorkers, QueueFull
 from service.pipeline import Job, Outcome
 from service.queue import GROUP, RedisQueue
 from service.settings import Settings
-from service.worker import Worker
+from service.batching import next_batch
+from service.worker import RedisSource, Worker
 
 
 def settings_for(redis_server, **kw) -> Settings:
@@ -62,6 +63,28 @@ def test_round_trip_batches_and_answers_each_job(redis_server):
         assert workers[0]["worker"] == "w1" and workers[0]["name"] == "fake"
         await stop_worker(worker, task)
         assert await q.live_workers() == []  # a stopping worker removes its heartbeat
+        await q.close()
+
+    asyncio.run(go())
+
+
+def test_a_worker_reads_only_its_share_of_the_stream(redis_server):
+    """Two live workers, ten jobs queued: the first worker to look takes five and
+    leaves five for the other (service/batching.py, fair_share)."""
+    s = settings_for(redis_server, max_batch_size=16, max_wait_ms=0)
+
+    async def go():
+        q = RedisQueue.from_settings(s)
+        await q.ensure_group()
+        for name in ("w1", "w2"):
+            await q.heartbeat(name, {"name": "fake"})
+        for n in range(10):
+            await q.enqueue({"op": "analyze", "id": f"j{n}"}, b"x")
+        assert await q.backlog() == (10, 2)
+        worker = Worker(s, q, echo, name="w1", info={"name": "fake"})
+        jobs = await next_batch(RedisSource(q, "w1"), worker.policy, idle_timeout=1.0, share=worker._share)
+        assert len(jobs) == 5
+        assert await q.pending("w1") == 5 and await q.depth() == 10   # five in hand, five still queued
         await q.close()
 
     asyncio.run(go())
