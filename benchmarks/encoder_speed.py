@@ -9,11 +9,15 @@ depend on what else the machine runs).
 
 On the CPU it also times the served encoders in ONNX Runtime (weights/encoders.onnx,
 `IPDFER_RUNTIME`; fp32, as served; renders always run in PyTorch) and their int8
-graph (weights/encoders.int8.onnx, `IPDFER_PRECISION=int8`).
+graph (weights/encoders.int8.onnx, `IPDFER_PRECISION=int8`), then both graphs as
+`ipdfer serve` runs them in process on the CPU: one batch loop per core (up to 4),
+each with its own one-thread session, all running at once (`served loops`: faces/s
+summed over the loops).
 """
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +39,23 @@ def rate(fn, batch: int, seconds: float = 3.0) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
+
+
+def concurrent_rate(sessions: list, batch: int, s: int, seconds: float) -> float:
+    """Faces/s summed over `sessions` running at once, each in its own thread (ONNX
+    Runtime releases the GIL), as the service's batch loops run them."""
+    rates = [0.0] * len(sessions)
+
+    def loop(i: int) -> None:
+        x = torch.randn(batch, 1, s, s)
+        rates[i] = rate(lambda: sessions[i](x), batch, seconds)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(sessions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(rates)
 
 
 def main() -> None:
@@ -76,6 +97,16 @@ def main() -> None:
             x = torch.randn(batch, 1, s, s)
             for name, graph in graphs.items():
                 print(f"{name:>9} {batch:>5} {rate(lambda: graph(x), batch, args.seconds):>17.1f} "  # noqa: B023
+                      f"{'-':>17} {'-':>23}", flush=True)
+        from service.settings import Settings
+        loops, _ = Settings().inprocess_plan(cuda=False)
+        loaders = {"onnxrt": load_onnx_encoders, "int8": load_int8_encoders}
+        print(f"served loops: {loops} batch loops x 1 thread, at once (ipdfer serve in process on this CPU), "
+              "faces/s summed")
+        for batch in (1, 32):
+            for name in graphs:
+                sessions = [loaders[name](weights, threads=1) for _ in range(loops)]
+                print(f"{name:>9} {batch:>5} {concurrent_rate(sessions, batch, s, args.seconds):>17.1f} "
                       f"{'-':>17} {'-':>23}", flush=True)
 
 
