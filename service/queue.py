@@ -23,6 +23,9 @@ gets a 500 with the reason. Answer + XACK + XDEL run in one Lua script, and the 
 is pushed only if the SET NX marker was absent, so a reclaimed job that its first
 worker also finishes is answered once. Times that several processes compare
 (heartbeats) are Redis server time, so clocks of different hosts do not matter.
+
+Long module: every key and every Lua script (each one atomic step of the protocol)
+stay in one place, so the protocol can be read and changed as a whole.
 """
 from __future__ import annotations
 

@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     queue_prefix: str = Field("ipdfer", description="Prefix of every Redis key this service uses.")
 
     # --- dynamic batching -------------------------------------------------------
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Most jobs in one model batch.")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most jobs in one model batch. Where several "
+                                "batch loops or workers share the queue, each takes at most its fair share of the "
+                                "jobs outstanding, so none runs dry while another holds the backlog.")
     max_wait_ms: float = Field(10.0, ge=0, description="Longest a job waits for a batch to fill, "
                                "measured from the oldest job in the batch.")
     batch_alone_pixels: int = Field(1_000_000, ge=1, description="A photo over this many pixels (its "
