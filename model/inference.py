@@ -21,6 +21,7 @@ from model import faces as facelib
 from model.faces.mtcnn_onnx import MANIFEST as MTCNN_MANIFEST, SUBFOLDER as MTCNN_SUBFOLDER
 from model.labels import EXPRESSIONS
 from model.onnx_runtime import check_runtime
+from model.precisions import PRECISIONS
 from model.nets.serving import inference_form
 from model.weights import DEFAULT_WEIGHTS_DIR, LoadedWeights, load_weights
 
@@ -92,9 +93,6 @@ def residue_heatmap(face: np.ndarray, residue: np.ndarray) -> np.ndarray:
     heat = cv2.cvtColor(cv2.applyColorMap(magnitude, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
     base = cv2.cvtColor(face, cv2.COLOR_GRAY2RGB)
     return cv2.addWeighted(base, 0.5, heat, 0.5, 0)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:

@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.onnx_runtime import RUNTIMES
+from model.precisions import PRECISIONS
 
 
 class Settings(BaseSettings):
@@ -107,7 +108,7 @@ class Settings(BaseSettings):
                                   "are served (`flip_tta` in their config, as the model card's figures). false on "
                                   "weights served with the mirror pass skips it (encoders 25% faster at batch 1, "
                                   "40% at 32) and costs accuracy.")
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+    precision: Literal[PRECISIONS] = Field(
         "auto", description="Numeric precision of the encoders: auto = fp16 autocast on CUDA, fp32 on the "
                             "CPU. bf16 (CPUs with native bf16: AVX-512 BF16 / AMX) was 11% faster at 16 clients "
                             "and slower for a lone client, and moves probabilities by up to 0.04; asked for on "
