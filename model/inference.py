@@ -21,7 +21,7 @@ from model import faces as facelib
 from model.faces.mtcnn_onnx import MANIFEST as MTCNN_MANIFEST, SUBFOLDER as MTCNN_SUBFOLDER
 from model.labels import EXPRESSIONS
 from model.onnx_runtime import check_runtime
-from model.precisions import PRECISIONS
+from model.precisions import PRECISIONS, cpu_has_native_bf16
 from model.nets.serving import inference_form
 from model.weights import DEFAULT_WEIGHTS_DIR, LoadedWeights, load_weights
 
@@ -110,7 +110,7 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     if precision == "int8" and device.type != "cpu":
         raise ValueError("int8 runs the encoders' quantized graph in ONNX Runtime on the CPU only "
                          "(IPDFER_DEVICE=cpu), not on " + device.type)
-    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         raise ValueError("bf16 asked for, but this CPU has no native bf16 (AVX-512 BF16 / AMX)")
     return precision
 

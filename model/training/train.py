@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from model.config import ConfigError, TrainConfig, load_train_config, to_dict
 from model.paths import cache_root
+from model.precisions import cpu_has_native_bf16
 from model.nets.losses import GeneratorObjective, IdentityLoss, hinge_d_loss
 from model.nets.networks import IPDFER, Discriminator
 
@@ -85,7 +86,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """fp16 on CUDA, bf16 on a CPU that computes it natively, else None (fp32)."""
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
 
