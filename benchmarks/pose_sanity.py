@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/pose_sanity.py [--data-root ../shared/data] [--n 400] [--json out.json]
 
 For each data set, every sampled image and its left-right mirror image go through
-the same detection as `ipdfer prepare` (model.data.features.FaceWorker.detect); where
+the same detection as `ipdfer prepare` (model.faces.preprocess.CropLocator); where
 both are detected:
 - mirror consistency: yaw and roll should change sign and pitch stay, so report
   mean |yaw + yaw_mirrored|, mean |pitch - pitch_mirrored|, mean |roll + roll_mirrored|
@@ -27,27 +27,23 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from model.faces.detect import FaceDetector  # noqa: E402
 from model.images import load_image  # noqa: E402
 from model.faces.pose import estimate_pose, flip_landmarks  # noqa: E402
-from model.data.features import SMALL_MIN_FACE, FaceWorker  # noqa: E402
+from model.faces.preprocess import CropLocator  # noqa: E402
 from model.faces.preprocess import SOURCE_FALLBACK  # noqa: E402
 
 SETS = {"ckplus": "ckplus48/*/*.png", "muxspace": "muxspace/images/*.jpg", "fer2013": "fer2013/test/*/*.jpg"}
 
 
-def detector() -> FaceWorker:
-    w = FaceWorker.__new__(FaceWorker)  # detection only, no identity network
-    w.det_small = FaceDetector(min_face_size=SMALL_MIN_FACE, batch_size=64)
-    w.det_large = FaceDetector(batch_size=64)
-    return w
+def detector() -> CropLocator:
+    return CropLocator(batch_size=64)   # detection only: no identity network
 
 
-def measure(files: list[Path], worker: FaceWorker) -> dict:
+def measure(files: list[Path], worker: CropLocator) -> dict:
     images = [load_image(f) for f in files]
     wh = np.array([[im.shape[1], im.shape[0]] for im in images])
-    a = worker.detect(images)
-    b = worker.detect([np.ascontiguousarray(im[:, ::-1]) for im in images])
+    a = worker.locate(images)
+    b = worker.locate([np.ascontiguousarray(im[:, ::-1]) for im in images])
     ok = np.array([x["source"] != SOURCE_FALLBACK and y["source"] != SOURCE_FALLBACK for x, y in zip(a, b)])
     lm = np.stack([x["landmarks"] for x in a])[ok]
     lm_f = np.stack([y["landmarks"] for y in b])[ok]

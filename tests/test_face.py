@@ -484,11 +484,11 @@ def test_aligned_crops_are_prepared_exactly_like_training_crops(pipeline, shared
     for bit, on real FER2013 test crops; a crop without a face takes the same
     central-square fallback."""
     from model.data.features import FaceWorker
-    from model.faces.preprocess import SOURCE_FALLBACK
+    from model.faces.preprocess import SOURCE_FALLBACK, CropLocator
     files = sorted((samples.data_dir(shared_dir) / "fer2013/test/fear").iterdir())[:12]
     crops = [load_image(f) for f in files] + [np.full((48, 48, 3), 128, np.uint8)]
     worker = FaceWorker.__new__(FaceWorker)  # detection only: skip the identity network
-    worker.det_small, worker.det_large = FaceDetector(min_face_size=40), FaceDetector()
+    worker.locator = CropLocator(small=FaceDetector(min_face_size=40), large=FaceDetector())
     trained = worker.detect(crops)
     served = [fs[0] for fs in pipeline.process(crops, aligned=True)]
     for crop, t, s in zip(crops, trained, served):

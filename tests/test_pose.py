@@ -73,17 +73,14 @@ def test_in_plane_rotation_changes_roll_as_the_augmentation_assumes():
 def real_faces(shared_dir):
     """MTCNN landmarks of a few real images and of their mirror images."""
     from model.images import load_image
-    from model.data.features import FaceWorker
+    from model.faces.preprocess import CropLocator
     src = samples.data_dir(shared_dir)
     files = [src / "muxspace/images" / f"{s}.jpg" for s in samples.MUX_PICK[:8]]
     files += sorted((src / "ckplus48/happy").iterdir())[:4]
     images = [load_image(f) for f in files]
-    worker = FaceWorker.__new__(FaceWorker)  # detection only: skip the identity network
-    from model.faces.detect import FaceDetector
-    worker.det_small = FaceDetector(min_face_size=40)
-    worker.det_large = FaceDetector()
-    dets = worker.detect(images)
-    flipped = worker.detect([np.ascontiguousarray(im[:, ::-1]) for im in images])
+    worker = CropLocator()  # FaceWorker's detection, without the identity network
+    dets = worker.locate(images)
+    flipped = worker.locate([np.ascontiguousarray(im[:, ::-1]) for im in images])
     keep = [i for i, (a, b) in enumerate(zip(dets, flipped)) if a["source"] != 2 and b["source"] != 2]
     assert len(keep) >= 10, "MTCNN should find these faces"
     wh = np.array([[im.shape[1], im.shape[0]] for im in images])[keep]

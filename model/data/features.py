@@ -27,13 +27,11 @@ class FaceWorker:
     def __post_init__(self) -> None:
         import torch
 
-        from model.faces.preprocess import FaceDetector
         from model.faces.identity import load_identity_encoder
+        from model.faces.preprocess import CropLocator
         # PyTorch's MTCNN always: "auto" picks ONNX Runtime by thread count, and the
         # cache must not depend on how many workers built it (the two differ by rounding)
-        self.det_small = FaceDetector(device=self.device, min_face_size=SMALL_MIN_FACE,
-                                      batch_size=self.detect_batch, runtime="torch")
-        self.det_large = FaceDetector(device=self.device, batch_size=self.detect_batch, runtime="torch")
+        self.locator = CropLocator(device=self.device, batch_size=self.detect_batch, runtime="torch")
         self.encoder = fused_encoder(load_identity_encoder(self.device))
         if self.device == "cpu":
             self.encoder = self.encoder.to(memory_format=torch.channels_last)  # faster on CPU
@@ -41,8 +39,7 @@ class FaceWorker:
     def detect(self, images: list[np.ndarray]) -> list[dict]:
         """Per image: landmarks (5,2), box (4,), score, source (the serving path's
         `aligned=true` locates crops with the same code)."""
-        from model.faces.preprocess import CropLocator
-        return CropLocator(small=self.det_small, large=self.det_large).locate(images)
+        return self.locator.locate(images)
 
     # -- everything -----------------------------------------------------------------
     def features(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
