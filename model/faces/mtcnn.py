@@ -68,8 +68,9 @@ class AreaResampler:
         table = np.empty((b, h + 1, w + 1, c), np.int32)
         for i, image in enumerate(images):
             table[i] = cv2.integral(image).reshape(h + 1, w + 1, c)  # 2-D for one channel
-        self.table, self.flat, self.shape = table, table.reshape(-1), (b, h, w)
-        self.channels, self.row, self.image = c, (w + 1) * c, (h + 1) * (w + 1) * c
+        # one row of C sums per table entry: a gather fetches a pixel's channels together
+        self.table, self.pixels, self.shape = table, table.reshape(-1, c), (b, h, w)
+        self.row, self.image = w + 1, (h + 1) * (w + 1)
 
     def __call__(self, inds: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray,
                  size: tuple[int, int]) -> np.ndarray:
@@ -77,11 +78,11 @@ class AreaResampler:
         ylo, yhi = _windows(y0, y1 - y0, size[0])
         xlo, xhi = _windows(x0, x1 - x0, size[1])
         base = (inds * self.image)[:, None]
-        top, bottom = (base + ylo * self.row)[:, :, None, None], (base + yhi * self.row)[:, :, None, None]
-        channel = np.arange(self.channels)
-        left, right = (xlo * self.channels)[:, None, :, None] + channel, (xhi * self.channels)[:, None, :, None] + channel
-        t = self.flat
-        total = t.take(bottom + right) - t.take(top + right) - t.take(bottom + left) + t.take(top + left)
+        top, bottom = (base + ylo * self.row)[:, :, None], (base + yhi * self.row)[:, :, None]
+        left, right = xlo[:, None, :], xhi[:, None, :]
+        t = self.pixels
+        total = (t.take(bottom + right, axis=0) - t.take(top + right, axis=0)
+                 - t.take(bottom + left, axis=0) + t.take(top + left, axis=0))
         count = ((yhi - ylo)[:, :, None] * (xhi - xlo)[:, None, :]).astype(np.float32)
         return total.astype(np.float32) / count[..., None]
 
