@@ -55,7 +55,8 @@ HTTP_PID=
 BURST_PID=
 
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
-compose() { IPDFER_REDIS_IMAGE=$REDIS_IMAGE IPDFER_PUBLISH_PORT=$PORT "${COMPOSE[@]}" -p "$PROJECT" "$@"; }
+# one CPU worker: step 6 SIGKILLs it and checks that its restart loses no job
+compose() { IPDFER_REDIS_IMAGE=$REDIS_IMAGE IPDFER_PUBLISH_PORT=$PORT IPDFER_CPU_WORKERS=1 "${COMPOSE[@]}" -p "$PROJECT" "$@"; }
 
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$EPOCHREALTIME"; }
 step() { STEP=$1; T_STEP=$EPOCHREALTIME; printf '\n=== %s\n' "$STEP"; }

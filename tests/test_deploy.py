@@ -304,7 +304,9 @@ def test_gpu_and_cpu_workers():
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] and (d["count"] == "all" or d["count"] >= 1)
                for d in devices), devices
     assert "reservations" not in (cpu.get("deploy", {}).get("resources") or {})
-    assert gpu["deploy"]["replicas"] == 1 and cpu["deploy"]["replicas"] == 1
+    # CPU: one single-threaded worker per core (2 x 1 served 1.4-1.5x 1 x 2's requests)
+    assert gpu["deploy"]["replicas"] == 1 and cpu["deploy"]["replicas"] == 2
+    assert build_parser("worker").parse_args(cpu["command"]).torch_threads == 1
     scaled = compose({"IPDFER_GPU_WORKERS": "3", "IPDFER_CPU_WORKERS": "2", "IPDFER_CPU_THREADS": "4"})
     assert scaled["services"]["worker"]["deploy"]["replicas"] == 3
     assert scaled["services"]["worker-cpu"]["deploy"]["replicas"] == 2
