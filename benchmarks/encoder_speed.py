@@ -1,61 +1,90 @@
-"""Faces per second of the exported encoders (E_exp + E_pose, the per-request
-path, as the weights are served: with the mirror-image pass, or in one pass for a
-distilled student, `flip_tta` in their config) and of the neutral
-render (E_id + encoders + G; the editor renders render_size²), at batch 1 and 32,
-for each numeric precision in one run (ratios are comparable; absolute figures
-depend on what else the machine runs).
+"""Faces per second of the encoders (E_exp + E_pose, the per-request path) and of
+the neutral render (E_id + encoders + G; the editor renders render_size²), at
+batch 1 and 32, for each numeric precision in one run (ratios are comparable;
+absolute figures depend on what else the machine runs).
 
-    .venv/bin/python benchmarks/encoder_speed.py [--weights weights] [--device cpu] [--precisions fp32,bf16]
+The encoders are timed as served: one pass, plus the mirror pass for the faces
+whose one-pass margin is below IPDFER_MIRROR_MARGIN (model/mirror.py; none for a
+distilled student, `flip_tta` false in its config). How many faces that is
+depends on the faces, so the inputs are real face crops (`--faces`, aligned as
+`aligned=true` aligns them; FER2013 test crops by default), cycled through; the
+columns also give the mirror pass on every face (margin 1, the full average) and
+none (one pass).
 
-On the CPU it also times the served encoders in ONNX Runtime (weights/encoders.onnx,
-`IPDFER_RUNTIME`; fp32, as served; renders always run in PyTorch) and their int8
-graph (weights/encoders.int8.onnx, `IPDFER_PRECISION=int8`), then both graphs as
-`ipdfer serve` runs them in process on the CPU: one batch loop per core (up to 4),
-each with its own one-thread session, all running at once (`served loops`: faces/s
+    .venv/bin/python benchmarks/encoder_speed.py [--weights weights] [--device cpu] [--precisions fp32,bf16] \\
+        [--faces ../shared/data/fer2013/test] [--mirror-margin 0.3]
+
+On the CPU it also times the encoders' ONNX graph (weights/encoders.onnx,
+`IPDFER_RUNTIME`; fp32; renders always run in PyTorch) and its int8 copy
+(weights/encoders.int8.onnx, `IPDFER_PRECISION=int8`), then both as `ipdfer
+serve` runs them in process on the CPU: one batch loop per core (up to 4), each
+with its own one-thread session, all running at once (`served loops`: faces/s
 summed over the loops).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from model.encoders_int8 import int8_entry, load_int8_encoders
+from model import faces as facelib
+from model import mirror
+from model.encoders_int8 import IMAGE_SUFFIXES, int8_entry, load_int8_encoders
 from model.encoders_onnx import load_onnx_encoders, onnx_entry
 from model.faces.identity import load_identity_encoder
+from model.images import load_image
 from model.inference import autocast_for, inference_form
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
+REPO = Path(__file__).resolve().parents[1]
 
-def rate(fn, batch: int, seconds: float = 3.0) -> float:
-    fn()  # warm-up
-    n, t0 = 0, time.perf_counter()
+
+def rate(fn, inputs: list[torch.Tensor], seconds: float = 3.0) -> float:
+    """Faces/s of `fn` over `inputs` (batches), cycled through for `seconds`."""
+    fn(inputs[0])  # warm-up
+    n, i, t0 = 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        fn()
-        n += batch
+        x = inputs[i % len(inputs)]
+        fn(x)
+        n, i = n + x.shape[0], i + 1
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
 
 
-def concurrent_rate(sessions: list, batch: int, s: int, seconds: float) -> float:
-    """Faces/s summed over `sessions` running at once, each in its own thread (ONNX
+def concurrent_rate(fns: list, inputs: list[torch.Tensor], seconds: float) -> float:
+    """Faces/s summed over `fns` running at once, each in its own thread (ONNX
     Runtime releases the GIL), as the service's batch loops run them."""
-    rates = [0.0] * len(sessions)
+    rates = [0.0] * len(fns)
 
     def loop(i: int) -> None:
-        x = torch.randn(batch, 1, s, s)
-        rates[i] = rate(lambda: sessions[i](x), batch, seconds)
+        rates[i] = rate(fns[i], inputs, seconds)
 
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(sessions))]
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(fns))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return sum(rates)
+
+
+def real_faces(folder: Path, weights, count: int) -> torch.Tensor:
+    """`count` face crops from `folder` (every k-th file, sorted), as the encoders see them."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < count:
+        raise SystemExit(f"{folder} holds {len(files)} images; {count} face crops are needed (--faces)")
+    files = files[::len(files) // count][:count]
+    pipeline = facelib.FacePipeline(facelib.FaceDetector(device="cpu"), size=weights.config.image_size, device="cpu")
+    aligned = []
+    for start in range(0, count, 64):
+        images = [load_image(f) for f in files[start:start + 64]]
+        aligned += [fs[0].aligned for fs in pipeline.process(images, aligned=True, max_faces=[1] * len(images))]
+    return facelib.to_model_input(np.stack(aligned))
 
 
 def main() -> None:
@@ -64,50 +93,61 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
     ap.add_argument("--seconds", type=float, default=3.0, help="per figure")
+    ap.add_argument("--faces", type=Path, default=Path(os.environ.get("IPDFER_DATA", REPO.parent / "shared" / "data"))
+                    / "fer2013" / "test", help="folder of face crops to time on")
+    ap.add_argument("--count", type=int, default=512, help="face crops taken from --faces")
+    ap.add_argument("--mirror-margin", type=float, default=mirror.DEFAULT_MARGIN, help="as IPDFER_MIRROR_MARGIN")
     args = ap.parse_args()
     device = torch.device(args.device)
-    # the form the service runs: BatchNorm folded, channels-last encoders, joint mirror pass
     weights = load_weights(args.weights)
-    model = inference_form(weights.model).to(device)
+    model = inference_form(weights.model).to(device)   # the form the service runs: BatchNorm folded, channels-last
     identity = load_identity_encoder(device=args.device)
     s = model.cfg.image_size
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}, image {s}x{s}, "
-          f"served {'with' if model.cfg.flip_tta else 'without'} the mirror pass")
-    print(f"{'precision':>9} {'batch':>5} {'encoders faces/s':>17} {'(no mirror pass)':>17} "
+    margin = mirror.check_margin(args.mirror_margin) if model.cfg.flip_tta else 0.0
+    faces = real_faces(args.faces, weights, args.count)
+    batches = {b: [faces[i:i + b] for i in range(0, len(faces) - b + 1, b)] for b in (1, 32)}
+    with torch.inference_mode():
+        share = float(mirror.unsure(model.encode(faces)["probs"], margin).float().mean()) if margin else 0.0
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, image {s}x{s}, {len(faces)} faces "
+          f"from {args.faces}; served: mirror pass below margin {margin} = {share:.1%} of these faces")
+    print(f"{'precision':>9} {'batch':>5} {'served faces/s':>15} {'(mirror all)':>13} {'(one pass)':>11} "
           f"{'neutral render faces/s':>23}")
     for precision in args.precisions.split(","):
         for batch in (1, 32):
-            x = torch.randn(batch, 1, s, s, device=device)
-            chips = torch.rand(batch, 3, 150, 150, device=device) * 255
+            inputs = [x.to(device) for x in batches[batch]]
+            n = batch
+            chips = torch.rand(n, 3, 150, 150, device=device) * 255
             r = model.cfg.render_size if model.edits_input else s   # the editor renders a larger crop
-            large = torch.rand(batch, 1, r, r, device=device) * 2 - 1
+            large = torch.rand(n, 1, r, r, device=device) * 2 - 1
             with torch.inference_mode(), autocast_for(device, precision):
-                served = lambda: model.encode(x, flip_tta=model.cfg.flip_tta)  # noqa: E731
-                plain = lambda: model.encode(x)  # noqa: E731
-                render = lambda: model.render(identity(chips), model.encode(x)["pose_feat"],  # noqa: E731
-                                              face=x, target=large if model.edits_input else None)
-                print(f"{precision:>9} {batch:>5} {rate(served, batch, args.seconds):>17.1f} "
-                      f"{rate(plain, batch, args.seconds):>17.1f} {rate(render, batch, args.seconds):>23.1f}",
-                      flush=True)
+                served = lambda x, m=margin: mirror.encode_with_mirror(model.encode, x, m)  # noqa: E731
+                render = lambda x: model.render(identity(chips), model.encode(x)["pose_feat"],  # noqa: E731
+                                                face=x, target=large if model.edits_input else None)
+                print(f"{precision:>9} {batch:>5} {rate(served, inputs, args.seconds):>15.1f} "
+                      f"{rate(lambda x: served(x, 1.0), inputs, args.seconds):>13.1f} "
+                      f"{rate(model.encode, inputs, args.seconds):>11.1f} "
+                      f"{rate(render, inputs, args.seconds):>23.1f}", flush=True)
     if device.type == "cpu" and onnx_entry(weights) is not None:
-        graphs = {"onnxrt": load_onnx_encoders(weights, threads=torch.get_num_threads())}
+        loaders = {"onnxrt": load_onnx_encoders}
         if int8_entry(weights) is not None:  # IPDFER_PRECISION=int8
-            graphs["int8"] = load_int8_encoders(weights, threads=torch.get_num_threads())
+            loaders["int8"] = load_int8_encoders
         for batch in (1, 32):
-            x = torch.randn(batch, 1, s, s)
-            for name, graph in graphs.items():
-                print(f"{name:>9} {batch:>5} {rate(lambda: graph(x), batch, args.seconds):>17.1f} "  # noqa: B023
-                      f"{'-':>17} {'-':>23}", flush=True)
+            for name, load in loaders.items():
+                graph = load(weights, threads=torch.get_num_threads())
+                served = lambda x, m=margin, g=graph: mirror.encode_with_mirror(g, x, m)  # noqa: E731
+                print(f"{name:>9} {batch:>5} {rate(served, batches[batch], args.seconds):>15.1f} "
+                      f"{rate(lambda x: served(x, 1.0), batches[batch], args.seconds):>13.1f} "  # noqa: B023
+                      f"{rate(graph, batches[batch], args.seconds):>11.1f} {'-':>23}", flush=True)
         from service.settings import Settings
         loops, _ = Settings().inprocess_plan(cuda=False)
-        loaders = {"onnxrt": load_onnx_encoders, "int8": load_int8_encoders}
         print(f"served loops: {loops} batch loops x 1 thread, at once (ipdfer serve in process on this CPU), "
               "faces/s summed")
         for batch in (1, 32):
-            for name in graphs:
-                sessions = [loaders[name](weights, threads=1) for _ in range(loops)]
-                print(f"{name:>9} {batch:>5} {concurrent_rate(sessions, batch, s, args.seconds):>17.1f} "
-                      f"{'-':>17} {'-':>23}", flush=True)
+            for name, load in loaders.items():
+                graphs = [load(weights, threads=1) for _ in range(loops)]
+                row = [concurrent_rate([lambda x, g=g, m=m: mirror.encode_with_mirror(g, x, m) for g in graphs],
+                                       batches[batch], args.seconds) for m in (margin, 1.0, 0.0)]
+                print(f"{name:>9} {batch:>5} {row[0]:>15.1f} {row[1]:>13.1f} {row[2]:>11.1f} {'-':>23}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,17 @@ ONNX Runtime's static quantization in QDQ form; weights per output channel in a
 7-bit range (`reduce_range`: CPUs without AVX-512 VNNI compute u8 x s8 through
 16-bit sums that the full range can saturate); each activation's range is the
 99.999th percentile of its values over 512 faces (min-max ranges moved 1.6x as
-many top labels). The input stage (mirror image, upsampling), MobileNetV2's stem
+many top labels). The input stage (upsampling), MobileNetV2's stem
 and its first inverted-residual block stay fp32: with them quantized, ~12% of
 FER2013 validation top labels moved; quantized alone, the stem moved 7.8% and the
 first block 2.3%, every later block 1.3% or less.
 
-Measured on an AVX-512 VNNI Xeon, 2026-12-03 (README, Benchmarks): FER2013
-PrivateTest 67.68% vs 67.82% in fp32, same top label for 97.8% of faces; faces/s
-1.6x / 1.7x the fp32 graph's at batch 1 / 32 on one thread (1.2x / 1.4x on two).
+Measured on an AVX-512 VNNI Xeon, 2026-12-03 (README, Benchmarks), from the
+joint graph then served: FER2013 PrivateTest 67.68% vs 67.82% in fp32, same top
+label for 97.8% of faces; faces/s 1.6x / 1.7x the fp32 graph's at batch 1 / 32 on
+one thread (1.2x / 1.4x on two). Remade from the one-pass graph (AMX Xeon,
+2026-12-07): 67.76% with the served mirror margin (fp32: 67.73%), same top label
+as fp32 with every face mirrored for 98.1%.
 
 The graph is checked against the fp32 graph on 256 faces not used to calibrate and
 kept only when their top labels agree for >= 95%; the manifest records it

@@ -1,20 +1,22 @@
-"""The served encoders (E_exp + E_pose with their heads, as `IPDFER.encode(x,
-flip_tta=cfg.flip_tta)` computes them) as one ONNX graph, run by ONNX Runtime on the CPU.
+"""The served encoders (E_exp + E_pose with their heads, one pass: `IPDFER.encode(x)`
+without the mirror image) as one ONNX graph, run by ONNX Runtime on the CPU. The
+mirror pass, where the weights are served with it, is a second run of the same
+graph on the faces that need it (model/mirror.py).
 
 Why: on a 2-core CPU most of the encoders' time at small batches is PyTorch's
 per-operator overhead, which ONNX Runtime mostly avoids. benchmarks/encoder_speed.py
-on an AVX2 CPU (AMD EPYC), the encoders as served, faces/s PyTorch -> ONNX Runtime:
-one thread 91 -> 243 at batch 1 and 189 -> 246 at batch 32; two threads 107 ->
-288 and 247 -> 462.
+on an AVX2 CPU (AMD EPYC), the encoders as served (then face and mirror in every
+pass), faces/s PyTorch -> ONNX Runtime: one thread 91 -> 243 at batch 1 and
+189 -> 246 at batch 32; two threads 107 -> 288 and 247 -> 462.
 
 The graph is exported once, offline, next to the weights it came from
 (`ipdfer export-onnx`, which needs the `export` extra: onnx, onnxscript), and the
-manifest records its sha256 and the sha256 of that `.pt`; a graph of other
-weights is never loaded. Serving needs only `onnxruntime`."""
+manifest records its sha256, the sha256 of that `.pt` and its form; a graph of
+other weights, or of the older joint form (face and mirror in one graph), is
+never loaded. Serving needs only `onnxruntime`."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,29 +29,28 @@ from model.weights import MANIFEST, LoadedWeights, load_weights
 ONNX_FILE = "encoders.onnx"
 INPUT = "face"
 OUTPUTS = ("logits", "probs", "pose", "exp", "pose_feat")
+# What the graph computes. Graphs before it (no "form") ran face + mirror jointly.
+FORM = "one-pass"
 
 
 class ServedEncoders(torch.nn.Module):
-    """`model.encode(x)` as the weights are served (`cfg.flip_tta`) for any batch
-    size: with the mirror pass, the face and its mirror image go through E_exp
-    jointly (the graph has no BatchNorm left to share statistics: `model` is
-    `inference_form`'s copy)."""
+    """`model.encode(x)`, one pass without the mirror image, for any batch size
+    (`model` is `inference_form`'s copy: no BatchNorm left)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.model.JOINT_MIRROR_MAX = sys.maxsize  # one graph: the joint pass at every batch size
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model.encode(x, flip_tta=self.model.cfg.flip_tta)
+        out = self.model.encode(x, flip_tta=False)
         return tuple(out[k] for k in OUTPUTS)
 
 
 def onnx_entry(weights: LoadedWeights) -> dict | None:
-    """The manifest's record of the graph, when it was exported from these weights
-    and its file is there."""
+    """The manifest's record of the graph, when it was exported from these weights,
+    in today's form, and its file is there."""
     entry = weights.manifest.get("onnx")
-    if (entry and entry.get("source_sha256") == weights.manifest["sha256"]
+    if (entry and entry.get("source_sha256") == weights.manifest["sha256"] and entry.get("form") == FORM
             and weights.directory is not None and (weights.directory / entry["file"]).is_file()):
         return entry
     return None
@@ -71,7 +72,8 @@ def load_onnx_encoders(weights: LoadedWeights, threads: int) -> OnnxEncoders:
     entry = onnx_entry(weights)
     if entry is None:
         raise FileNotFoundError(f"no {ONNX_FILE} exported from these weights "
-                                f"(sha256 {weights.manifest['sha256'][:12]}…): run ipdfer export-onnx")
+                                f"(sha256 {weights.manifest['sha256'][:12]}…) in the {FORM} form: "
+                                f"run ipdfer export-onnx")
     return OnnxEncoders(weights.directory / entry["file"], entry["sha256"], threads)
 
 
@@ -104,7 +106,7 @@ def export_onnx(weights_dir: Path, opset: int = 18, check_batches: tuple[int, ..
 
     path = atomic_write(weights_dir / ONNX_FILE, save_checked)
     entry = {"file": ONNX_FILE, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
-             "source_sha256": loaded.manifest["sha256"], "opset": opset, "torch": torch.__version__,
+             "source_sha256": loaded.manifest["sha256"], "form": FORM, "opset": opset, "torch": torch.__version__,
              "outputs": list(OUTPUTS), "max_abs_diff": float(np.float32(worst))}
     manifest = {**loaded.manifest, "onnx": entry}
     atomic_write_text(weights_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")

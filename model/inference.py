@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import faces as facelib
+from model import faces as facelib, mirror
 from model.faces.mtcnn_onnx import MANIFEST as MTCNN_MANIFEST, SUBFOLDER as MTCNN_SUBFOLDER
 from model.labels import EXPRESSIONS
 from model.onnx_runtime import check_runtime
@@ -115,31 +115,24 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     return precision
 
 
-def resolve_runtime(weights: LoadedWeights, device: torch.device, precision: str, runtime: str = "auto",
-                    flip_tta: bool | None = None) -> str:
-    """What runs the per-request encoders. "auto": ONNX Runtime on the CPU in fp32,
-    with the mirror pass or without it as the weights are served (the graph's
-    computation), when the weights come with their exported graph
-    (model/encoders_onnx.py: 2.7x the faces/s of PyTorch at batch 1 on an AVX2
-    CPU), else PyTorch; "onnxruntime" insists. int8 exists only as a graph: ONNX
-    Runtime, or refused."""
+def resolve_runtime(weights: LoadedWeights, device: torch.device, precision: str, runtime: str = "auto") -> str:
+    """What runs the per-request encoders. "auto": ONNX Runtime on the CPU in fp32
+    when the weights come with their exported one-pass graph (model/encoders_onnx.py:
+    2.7x the faces/s of PyTorch at batch 1 on an AVX2 CPU), else PyTorch;
+    "onnxruntime" insists. int8 exists only as a graph: ONNX Runtime, or refused.
+    The mirror pass is a second run of whichever runs (model/mirror.py)."""
     check_runtime(runtime)
-    served = weights.config.flip_tta
-    as_served = flip_tta is None or flip_tta == served
     if precision == "int8":
-        if runtime == "torch" or not as_served:
-            raise ValueError(f"int8 is the encoders' graph in ONNX Runtime, as these weights are served "
-                             f"({'with' if served else 'without'} the mirror pass); asked: runtime {runtime}, "
-                             f"flip_tta {flip_tta}")
+        if runtime == "torch":
+            raise ValueError("int8 is the encoders' graph in ONNX Runtime: not with runtime torch")
         return "onnxruntime"
     if runtime == "torch":
         return runtime
     from model.encoders_onnx import onnx_entry
-    usable = device.type == "cpu" and precision == "fp32" and as_served
+    usable = device.type == "cpu" and precision == "fp32"
     if runtime == "onnxruntime" and not usable:
-        raise ValueError(f"runtime onnxruntime runs the encoders in fp32 on the CPU, as these weights are served "
-                         f"({'with' if served else 'without'} the mirror pass); asked: {precision} on "
-                         f"{device.type}, flip_tta {flip_tta}")
+        raise ValueError(f"runtime onnxruntime runs the encoders in fp32 on the CPU; asked: {precision} on "
+                         f"{device.type}")
     if runtime == "auto":
         return "onnxruntime" if usable and onnx_entry(weights) is not None else "torch"
     return runtime
@@ -167,7 +160,8 @@ class Analyzer:
 
     def __init__(self, weights: LoadedWeights, device: str | None = None,
                  pipeline: facelib.FacePipeline | None = None, flip_tta: bool | None = None,
-                 precision: str = "auto", runtime: str = "auto", min_face_size: int = 40):
+                 precision: str = "auto", runtime: str = "auto", min_face_size: int = 40,
+                 mirror_margin: float = mirror.DEFAULT_MARGIN):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weights = weights
         self.model = inference_form(weights.model).to(self.device)   # the original stays on the CPU
@@ -180,15 +174,17 @@ class Analyzer:
             size=self.image_size, device=str(self.device), render_size=self.render_size)
         # Expression probabilities average the face and its mirror image when the
         # weights are served so (`flip_tta` in their config; a distilled student
-        # answers in one pass), as in `ipdfer evaluate`. False saves E_exp's second
-        # pass (up to half its cost; ~25% at batch <= 8, where the two run jointly).
+        # answers in one pass), for the faces whose one-pass margin is below
+        # `mirror_margin` (model/mirror.py; 1 = every face, as `ipdfer evaluate`).
         self.flip_tta = weights.config.flip_tta if flip_tta is None else flip_tta
+        self.mirror_margin = mirror.check_margin(mirror_margin) if self.flip_tta else 0.0
         self._identity = None   # the dlib port loads on the first neutral request
         # seconds spent by the last analyze(), per stage: detect, align, encode, render
         self.last_timings: dict[str, float] = {}
+        self.last_mirrored = 0   # faces of the last analyze() that got the mirror pass
         self.precision = resolve_precision(self.device, precision)
         self._autocast = autocast_for(self.device, self.precision)
-        self.runtime = resolve_runtime(weights, self.device, self.precision, runtime, self.flip_tta)
+        self.runtime = resolve_runtime(weights, self.device, self.precision, runtime)
         self._onnx = None
         if self.runtime == "onnxruntime":  # the per-request encoders; renders stay in PyTorch
             from model.encoders_int8 import load_int8_encoders
@@ -199,15 +195,17 @@ class Analyzer:
     @classmethod
     def load(cls, weights_dir: Path | str | None = None, device: str | None = None,
              flip_tta: bool | None = None, precision: str = "auto", runtime: str = "auto",
-             min_face_size: int = 40) -> Analyzer:
+             min_face_size: int = 40, mirror_margin: float = mirror.DEFAULT_MARGIN) -> Analyzer:
         return cls(load_weights(Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR), device,
-                   flip_tta=flip_tta, precision=precision, runtime=runtime, min_face_size=min_face_size)
+                   flip_tta=flip_tta, precision=precision, runtime=runtime, min_face_size=min_face_size,
+                   mirror_margin=mirror_margin)
 
     @property
     def info(self) -> dict:
         m = self.weights.manifest
         return {"name": m["name"], "version": m["version"], "sha256": m["sha256"],
                 "device": str(self.device), "precision": self.precision, "runtime": self.runtime,
+                "mirror_margin": self.mirror_margin,
                 "detector_runtime": self.pipeline.detector.nets.runtime,
                 "image_size": self.image_size,
                 "trained": bool(m.get("trained", False))}
@@ -226,16 +224,18 @@ class Analyzer:
 
     # -- batched building blocks -------------------------------------------
     @torch.inference_mode()
-    def _encode(self, aligned: list[np.ndarray], flip_tta: bool | None = None,
+    def _encode(self, aligned: list[np.ndarray], mirror_margin: float | None = None,
                 exact: bool = False) -> dict[str, torch.Tensor]:
-        """`exact`: never the int8 graph (the codes a render starts from)."""
+        """The encoders, with the mirror pass for faces below `mirror_margin`
+        (None: as served). `exact`: never the int8 graph (the codes a render starts from)."""
         x = facelib.to_model_input(np.stack(aligned)).to(self.device)
-        flip_tta = self.flip_tta if flip_tta is None else flip_tta
+        margin = self.mirror_margin if mirror_margin is None else mirror.check_margin(mirror_margin)
         graph = self._onnx is not None and not (exact and self.precision == "int8")
-        if graph and flip_tta == self.flip_tta:  # the graph is the encoders as served
-            return self._onnx(x)
+        return mirror.encode_with_mirror(self._onnx if graph else self._torch_one_pass, x, margin)
+
+    def _torch_one_pass(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with self._autocast:
-            out = self.model.encode(x, flip_tta=flip_tta)
+            out = self.model.encode(x)
         return {k: v.float() for k, v in out.items()}
 
     @torch.inference_mode()
@@ -247,7 +247,7 @@ class Analyzer:
                 residue: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         # a render needs pose and expression codes, not probabilities: no mirror pass;
         # in fp32 (not int8), so that /predict and /neutralize render the same face
-        enc = enc or self._encode([s.aligned for s in states], flip_tta=False, exact=True)
+        enc = enc or self._encode([s.aligned for s in states], mirror_margin=0.0, exact=True)
         identity = self._identity_codes([s.chip for s in states])
         face = target = None
         if self.model.edits_input:
@@ -291,9 +291,11 @@ class Analyzer:
         t1 = time.perf_counter()
         self.last_timings = {"detect_s": detect_s, "align_s": t1 - t0 - detect_s, "encode_s": 0.0,
                              "render_s": 0.0}
+        self.last_mirrored = 0
         if not flat:
             return results
         enc = self._encode([f.aligned for _, f in flat])
+        self.last_mirrored = int(enc["mirrored"].sum())
         t2 = time.perf_counter()
         probs = enc["probs"].cpu().numpy()
         poses = enc["pose"].cpu().numpy()

@@ -103,7 +103,7 @@ class Pipeline:
         t0 = time.perf_counter()
         analyzer = Analyzer.load(settings.weights_dir, settings.device, flip_tta=settings.flip_tta,
                                  precision=settings.precision, runtime=settings.runtime,
-                                 min_face_size=settings.min_face_size)
+                                 min_face_size=settings.min_face_size, mirror_margin=settings.mirror_margin)
         analyzer.warmup()
         log.info("model %s loaded and warmed up on %s (encoders: %s %s, MTCNN: %s) in %.1f s",
                  analyzer.info.get("sha256", "")[:12], analyzer.info.get("device"), analyzer.runtime,

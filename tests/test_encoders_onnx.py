@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.encoders_onnx import ONNX_FILE, export_onnx, load_onnx_encoders, onnx_entry
+from model.encoders_onnx import FORM, ONNX_FILE, export_onnx, load_onnx_encoders, onnx_entry
 from model.fileio import sha256_file
 from model.images import load_image
 from model.inference import Analyzer, inference_form, resolve_runtime
@@ -39,7 +39,7 @@ def test_onnx_runtime_predicts_what_pytorch_predicts_on_real_faces(analyzers, sh
     files = sorted((shared_dir / "data" / "muxspace" / "images").glob("*.jpg"))[:12]
     assert len(files) == 12, shared_dir
     images = [load_image(f) for f in files]
-    # 12 faces in one batch: beyond JOINT_MIRROR_MAX, where PyTorch takes two passes
+    # 1 face, then 12: the mirror pass runs for some of them (test_mirror.py)
     for batch in (images[:1], images):
         a = onnx.analyze(batch, [False] * len(batch), [None] * len(batch), [False] * len(batch))
         b = torch_.analyze(batch, [False] * len(batch), [None] * len(batch), [False] * len(batch))
@@ -58,12 +58,13 @@ def test_the_committed_graph_computes_what_todays_code_computes():
     """A later change to encode() or the heads (not to the weights) would leave the
     graph computing the old thing: compared here on random faces, no data needed."""
     weights = load_weights(DEFAULT_WEIGHTS_DIR)
+    assert onnx_entry(weights)["form"] == FORM == "one-pass"
     onnx = load_onnx_encoders(weights, threads=1)
     served = inference_form(weights.model)
     x = torch.rand(5, 1, weights.config.image_size, weights.config.image_size,
                    generator=torch.Generator().manual_seed(3)) * 2 - 1
     with torch.inference_mode():
-        want = served.encode(x, flip_tta=weights.config.flip_tta)
+        want = served.encode(x)   # one pass: the mirror pass is a second run (model/mirror.py)
     got = onnx(x)
     for key in ("probs", "logits", "pose", "exp", "pose_feat"):
         torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=key)
@@ -80,6 +81,19 @@ def test_the_graph_of_other_weights_is_never_used(tmp_path):
     assert json.loads((tmp_path / MANIFEST).read_text())["onnx"]["source_sha256"] == entry["source_sha256"]
     assert Analyzer.load(tmp_path, device="cpu").runtime == "torch"
     with pytest.raises(FileNotFoundError, match="ipdfer export-onnx"):
+        Analyzer.load(tmp_path, device="cpu", runtime="onnxruntime")
+
+
+def test_a_graph_of_the_older_joint_form_is_never_used(tmp_path):
+    """Graphs before the one-pass form computed face + mirror together: run as
+    one pass, their probabilities would already be averaged, then averaged again."""
+    for name in ("ipdfer.pt", MANIFEST, ONNX_FILE):
+        shutil.copy(DEFAULT_WEIGHTS_DIR / name, tmp_path / name)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    del manifest["onnx"]["form"]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    assert Analyzer.load(tmp_path, device="cpu").runtime == "torch"
+    with pytest.raises(FileNotFoundError, match="one-pass form: run ipdfer export-onnx"):
         Analyzer.load(tmp_path, device="cpu", runtime="onnxruntime")
 
 
@@ -100,13 +114,10 @@ def test_onnx_runtime_is_fp32_on_the_cpu_only():
             resolve_runtime(weights, torch.device(device), precision, "onnxruntime")
     with pytest.raises(ValueError, match="unknown runtime"):
         Analyzer.load(device="cpu", runtime="tensorrt")
-    # the graph is the encoders as the weights are served (with or without the
-    # mirror pass): asked the other way, PyTorch runs them
+    # the graph is one pass: with the mirror pass or without it, it runs
     other = not weights.config.flip_tta
     assert Analyzer.load(device="cpu").flip_tta == weights.config.flip_tta
-    assert Analyzer.load(device="cpu", flip_tta=other).runtime == "torch"
-    with pytest.raises(ValueError, match="mirror pass"):
-        Analyzer.load(device="cpu", flip_tta=other, runtime="onnxruntime")
+    assert Analyzer.load(device="cpu", flip_tta=other).runtime == "onnxruntime"
 
 
 @pytest.mark.parametrize("flip_tta", [True, False], ids=["mirror-pass", "one-pass"])
@@ -124,9 +135,10 @@ def test_export_writes_a_graph_that_matches_and_records_it(tmp_path, flip_tta):
     plain = Analyzer.load(tmp_path, device="cpu", runtime="torch")
     assert onnx.flip_tta is plain.flip_tta is flip_tta
     faces = list(np.random.default_rng(0).integers(0, 256, (5, 64, 64), dtype=np.uint8))
-    got, want = onnx._encode(faces), plain._encode(faces)
-    for key in ("probs", "logits", "pose", "exp", "pose_feat"):
-        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=key)
+    for margin in (None, 0.0, 1.0):   # as served, no mirror pass, every face mirrored
+        got, want = onnx._encode(faces, margin), plain._encode(faces, margin)
+        for key in ("probs", "logits", "pose", "exp", "pose_feat"):
+            torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=key)
     # the mirror pass changes the probabilities (so the comparison above tells the two apart)
-    other = plain._encode(faces, flip_tta=not flip_tta)
-    assert (other["probs"] - want["probs"]).abs().max() > 1e-3
+    mirrored, one_pass = plain._encode(faces, 1.0), plain._encode(faces, 0.0)
+    assert (mirrored["probs"] - one_pass["probs"]).abs().max() > 1e-3

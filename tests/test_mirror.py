@@ -1,0 +1,103 @@
+"""The mirror pass runs only for the faces whose one-pass margin is below
+IPDFER_MIRROR_MARGIN (model/mirror.py): those get exactly the full mirror
+average, the others exactly their one-pass probabilities, and the two ends of
+the setting are "every face" and "none". Its accuracy on all of FER2013:
+benchmarks/precision_accuracy.py --precisions fp32@1,fp32."""
+import numpy as np
+import pydantic
+import pytest
+import torch
+
+from model import faces as facelib
+from model import mirror
+from model.images import load_image
+from model.inference import Analyzer
+from service.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def faces(shared_dir):
+    """48 real FER2013 test crops, aligned as the service aligns aligned=true."""
+    files = sorted((shared_dir / "data" / "fer2013" / "test").glob("*/PrivateTest_*.jpg"))[::70][:48]
+    assert len(files) == 48, shared_dir
+    images = [load_image(f) for f in files]
+    analyzer = Analyzer.load(device="cpu", precision="fp32", runtime="torch")
+    aligned = [fs[0].aligned for fs in analyzer.pipeline.process(images, aligned=True, max_faces=[1] * 48)]
+    return images, aligned
+
+
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def analyzer(request):
+    return Analyzer.load(device="cpu", precision="fp32", runtime=request.param)
+
+
+def full_average(analyzer, aligned):
+    x = facelib.to_model_input(np.stack(aligned))
+    with torch.inference_mode():
+        return analyzer.model.encode(x, flip_tta=True)
+
+
+def test_margin_one_is_the_full_mirror_average_and_zero_is_one_pass(analyzer, faces):
+    _, aligned = faces
+    want = full_average(analyzer, aligned)
+    every, none = analyzer._encode(aligned, 1.0), analyzer._encode(aligned, 0.0)
+    torch.testing.assert_close(every["probs"], want["probs"], atol=1e-4, rtol=1e-4)
+    assert bool(every["mirrored"].all()) and not bool(none["mirrored"].any())
+    with torch.inference_mode():
+        torch.testing.assert_close(none["probs"], analyzer.model.encode(facelib.to_model_input(np.stack(aligned)))
+                                   ["probs"], atol=1e-4, rtol=1e-4)
+    for key in ("logits", "pose", "exp", "pose_feat"):   # the face's own, mirrored or not
+        torch.testing.assert_close(every[key], none[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_only_the_unsure_faces_get_the_mirror_average(analyzer, faces):
+    _, aligned = faces
+    margin = 0.3
+    one_pass, every = analyzer._encode(aligned, 0.0), analyzer._encode(aligned, 1.0)
+    gated = analyzer._encode(aligned, margin)
+    top2 = one_pass["probs"].topk(2, dim=1).values
+    expected = top2[:, 0] - top2[:, 1] < margin
+    assert torch.equal(gated["mirrored"], expected)
+    assert 0 < int(expected.sum()) < len(aligned)   # these real faces exercise both branches
+    torch.testing.assert_close(gated["probs"][expected], every["probs"][expected], atol=1e-5, rtol=1e-5)
+    assert torch.equal(gated["probs"][~expected], one_pass["probs"][~expected])
+    # and the mirror pass did change the unsure faces' probabilities
+    assert float((gated["probs"][expected] - one_pass["probs"][expected]).abs().max()) > 1e-3
+
+
+def test_the_served_default_mirrors_some_faces_not_all(faces):
+    images, _ = faces
+    analyzer = Analyzer.load(device="cpu")
+    assert analyzer.mirror_margin == mirror.DEFAULT_MARGIN == Settings(redis_url=None).mirror_margin
+    assert analyzer.info["mirror_margin"] == mirror.DEFAULT_MARGIN
+    results = analyzer.analyze(images, [True] * 48, [1] * 48, [False] * 48)
+    assert all(len(r) == 1 for r in results)
+    assert 0 < analyzer.last_mirrored < 48, analyzer.last_mirrored
+    # the same faces one at a time: the gate is per face, not per batch
+    singles = 0
+    for image in images[:12]:
+        analyzer.analyze([image], [True], [1], [False])
+        singles += analyzer.last_mirrored
+    analyzer.analyze(images[:12], [True] * 12, [1] * 12, [False] * 12)
+    assert singles == analyzer.last_mirrored
+
+
+def test_without_the_mirror_pass_the_margin_is_moot(faces):
+    images, _ = faces
+    analyzer = Analyzer.load(device="cpu", flip_tta=False, mirror_margin=1.0)
+    assert analyzer.mirror_margin == 0.0
+    analyzer.analyze(images[:8], [True] * 8, [1] * 8, [False] * 8)
+    assert analyzer.last_mirrored == 0
+
+
+def test_a_margin_outside_zero_to_one_is_refused(monkeypatch):
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="outside"):
+            mirror.check_margin(bad)
+        with pytest.raises(ValueError, match="outside"):
+            Analyzer.load(device="cpu", mirror_margin=bad)
+    monkeypatch.setenv("IPDFER_MIRROR_MARGIN", "2")
+    with pytest.raises(pydantic.ValidationError, match="mirror_margin"):
+        Settings(redis_url=None)
+    monkeypatch.setenv("IPDFER_MIRROR_MARGIN", "1")
+    assert Settings(redis_url=None).mirror_margin == 1.0
