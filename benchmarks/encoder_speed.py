@@ -6,8 +6,8 @@ absolute figures depend on what else the machine runs).
 The encoders are timed as served: one pass, plus the mirror pass for the faces
 whose one-pass margin is below IPDFER_MIRROR_MARGIN (model/mirror.py; none for a
 distilled student, `flip_tta` false in its config). How many faces that is
-depends on the faces, so the inputs are real face crops (`--faces`, aligned as
-`aligned=true` aligns them; FER2013 test crops by default), cycled through; the
+depends on the faces, so the inputs are real face crops (`--faces`, a seeded sample aligned
+as `aligned=true` aligns them; FER2013 test crops by default), cycled through; the
 columns also give the mirror pass on every face (margin 1, the full average) and
 none (one pass).
 
@@ -29,15 +29,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from model import faces as facelib
 from model import mirror
-from model.encoders_int8 import IMAGE_SUFFIXES, int8_entry, load_int8_encoders
+from model.encoders_int8 import calibration_faces, int8_entry, load_int8_encoders
 from model.encoders_onnx import load_onnx_encoders, onnx_entry
 from model.faces.identity import load_identity_encoder
-from model.images import load_image
 from model.inference import autocast_for, inference_form
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
@@ -73,20 +70,6 @@ def concurrent_rate(fns: list, inputs: list[torch.Tensor], seconds: float) -> fl
     return sum(rates)
 
 
-def real_faces(folder: Path, weights, count: int) -> torch.Tensor:
-    """`count` face crops from `folder` (every k-th file, sorted), as the encoders see them."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(files) < count:
-        raise SystemExit(f"{folder} holds {len(files)} images; {count} face crops are needed (--faces)")
-    files = files[::len(files) // count][:count]
-    pipeline = facelib.FacePipeline(facelib.FaceDetector(device="cpu"), size=weights.config.image_size, device="cpu")
-    aligned = []
-    for start in range(0, count, 64):
-        images = [load_image(f) for f in files[start:start + 64]]
-        aligned += [fs[0].aligned for fs in pipeline.process(images, aligned=True, max_faces=[1] * len(images))]
-    return facelib.to_model_input(np.stack(aligned))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR)
@@ -104,7 +87,7 @@ def main() -> None:
     identity = load_identity_encoder(device=args.device)
     s = model.cfg.image_size
     margin = mirror.check_margin(args.mirror_margin) if model.cfg.flip_tta else 0.0
-    faces = real_faces(args.faces, weights, args.count)
+    faces = torch.from_numpy(calibration_faces(args.faces, weights, args.count))   # a seeded sample, aligned
     batches = {b: [faces[i:i + b] for i in range(0, len(faces) - b + 1, b)] for b in (1, 32)}
     with torch.inference_mode():
         share = float(mirror.unsure(model.encode(faces)["probs"], margin).float().mean()) if margin else 0.0
@@ -115,10 +98,9 @@ def main() -> None:
     for precision in args.precisions.split(","):
         for batch in (1, 32):
             inputs = [x.to(device) for x in batches[batch]]
-            n = batch
-            chips = torch.rand(n, 3, 150, 150, device=device) * 255
+            chips = torch.rand(batch, 3, 150, 150, device=device) * 255
             r = model.cfg.render_size if model.edits_input else s   # the editor renders a larger crop
-            large = torch.rand(n, 1, r, r, device=device) * 2 - 1
+            large = torch.rand(batch, 1, r, r, device=device) * 2 - 1
             with torch.inference_mode(), autocast_for(device, precision):
                 served = lambda x, m=margin: mirror.encode_with_mirror(model.encode, x, m)  # noqa: E731
                 render = lambda x: model.render(identity(chips), model.encode(x)["pose_feat"],  # noqa: E731

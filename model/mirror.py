@@ -47,7 +47,7 @@ def encode_with_mirror(one_pass: OnePass, x: torch.Tensor, margin: float) -> dic
     `mirrored` (N,) bool saying which. Logits, pose and features stay those of
     the face itself."""
     out = one_pass(x)
-    mask = unsure(out["probs"], margin) if margin > 0.0 else torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    mask = unsure(out["probs"], margin)   # margin 0: none (top-1 minus top-2 is never below 0)
     idx = mask.nonzero().flatten()
     if idx.numel():
         mirrored = one_pass(x[idx].flip(3))["probs"]
