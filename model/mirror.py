@@ -10,8 +10,8 @@ pass and the average; the others keep their one-pass probabilities.
 
 `margin`: 0 = never mirror, 1 = mirror every face (`IPDFER.encode(x,
 flip_tta=True)`'s full average). The default was chosen on validation
-(FER2013 PublicTest; benchmarks/precision_accuracy.py --mirror-margins prints
-the curve): see DEFAULT_MARGIN."""
+(FER2013 PublicTest; benchmarks/precision_accuracy.py --split public
+--precisions fp32@1,fp32@0.3,... prints the curve): see DEFAULT_MARGIN."""
 from __future__ import annotations
 
 from typing import Callable
