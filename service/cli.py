@@ -11,6 +11,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("model.faces.cli", "detect faces in images, print JSON"),
     "prepare": ("model.data.prepare", "build manifests, aligned-face cache, pose and identity features"),
     "train": ("model.training.train", "train IPD-FER from a config"),
+    "train-expression": ("model.training.expression", "train the expression encoder alone, long and resumable"),
     "evaluate": ("model.training.evaluate", "evaluate weights on a split, write a report"),
     "export": ("model.training.export", "export a checkpoint to weights/ with a manifest"),
     "export-onnx": ("model.export_onnx", "export the served encoders of weights/ and MTCNN's networks (weights/mtcnn/) as ONNX graphs"),

@@ -1,0 +1,93 @@
+"""`ipdfer train-expression`: a run cut in two equals the uncut run (parameters,
+EMA, optimiser), a resumed run refuses another recipe, and the augmentation is
+a function of the step alone. Faces are made by the test (no data sets needed)."""
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from model.training.expression import Augment, Batches, Faces, Recipe, augment_batch, train
+
+
+def synthetic_faces(n: int = 24, seed: int = 0) -> Faces:
+    """Grey 64 px 'faces': an ellipse with eyes and a mouth whose shape is the label."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, 64, 64), np.uint8)
+    labels = np.arange(n) % 7
+    for i, c in enumerate(labels):
+        img = np.full((64, 64), rng.integers(20, 60), np.uint8)
+        cv2.ellipse(img, (32, 32), (22, 28), 0, 0, 360, int(rng.integers(150, 220)), -1)
+        cv2.circle(img, (24, 26), 3, 40, -1), cv2.circle(img, (40, 26), 3, 40, -1)
+        cv2.ellipse(img, (32, 46), (4 + int(c), 1 + int(c) // 2), 0, 0, 360, 30, -1)
+        images[i] = img
+    return Faces(labels=labels.astype(np.int64), aligned=images, raw=images[:, :, ::-1].copy(), names=["synthetic"])
+
+
+def tiny_recipe(**changes) -> Recipe:
+    return dataclasses.replace(Recipe(input_size=32, epochs=2, batch_size=8, log_every=1,
+                                      checkpoint_minutes=1e9), **changes)
+
+
+def test_run_cut_in_two_equals_uncut_run(tmp_path):
+    faces, recipe = synthetic_faces(), tiny_recipe()
+    val = {"synthetic": (faces.aligned, faces.labels)}
+    whole = train(recipe, Batches(faces, recipe), tmp_path / "whole", val, quiet=True)
+    train(recipe, Batches(faces, recipe), tmp_path / "cut", val, stop_after=4, quiet=True)
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["step"] == 4
+    resumed = train(recipe, Batches(faces, recipe), tmp_path / "cut", val, quiet=True)
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for part in ("net", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert a["sched"]["last_epoch"] == b["sched"]["last_epoch"]
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k])
+    # the same validation rows (epochs 1 and 2) in both runs
+    assert (tmp_path / "whole" / "val.jsonl").read_text() == (tmp_path / "cut" / "val.jsonl").read_text()
+
+
+def test_training_moves_the_network(tmp_path):
+    faces, recipe = synthetic_faces(), tiny_recipe(epochs=1)
+    train(recipe, Batches(faces, recipe), tmp_path / "run", {}, quiet=True)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    start = train(tiny_recipe(epochs=1), Batches(faces, recipe), tmp_path / "other", {}, stop_after=0, quiet=True)
+    moved = [k for k, v in start.state_dict().items()
+             if v.is_floating_point() and not torch.equal(v, ckpt["net"][k])]
+    assert "exp_head.1.weight" in moved
+
+
+def test_resume_refuses_another_recipe(tmp_path):
+    faces, recipe = synthetic_faces(), tiny_recipe()
+    train(recipe, Batches(faces, recipe), tmp_path / "run", {}, stop_after=2, quiet=True)
+    other = tiny_recipe(lr=5e-4)
+    with pytest.raises(ValueError, match="another recipe"):
+        train(other, Batches(faces, other), tmp_path / "run", {}, quiet=True)
+
+
+def test_augmentation_is_a_function_of_the_step():
+    faces, recipe = synthetic_faces(), tiny_recipe()
+    batches = Batches(faces, recipe)
+    x1, y1 = batches(5)
+    x2, y2 = Batches(faces, recipe)(5)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    x3, _ = batches(4)
+    assert not torch.equal(x1, x3)
+    assert x1.shape == (8, 1, 64, 64) and x1.min() >= -1 and x1.max() <= 1
+
+
+def test_augmentation_changes_faces_but_keeps_them_faces():
+    x = torch.from_numpy(synthetic_faces(8).aligned).unsqueeze(1).float() / 127.5 - 1
+    out = augment_batch(x, Augment(), torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    diff = (out - x).abs().mean(dim=(1, 2, 3))
+    assert (diff > 0.01).all(), "some faces were not augmented"
+    # no augmentation at all: the identity (up to resampling)
+    none = Augment(flip=0, rotate=0, scale=0, shift=0, low_res=0, jpeg=0, contrast=0, erase=0)
+    same = augment_batch(x, none, torch.Generator().manual_seed(0))
+    assert (same - x).abs().max() < 1e-4
