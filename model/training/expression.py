@@ -70,7 +70,7 @@ class Recipe:
     train_sets: tuple[str, ...] = ("fer2013:train", "muxspace:train", "ckplus:train")
     val_sets: tuple[str, ...] = ("fer2013:val", "muxspace:val")
     views: str = "both"           # "aligned" (as served) | "raw" (data-set crop) | "both" (half each)
-    backbone: str = "mobilenet_v2"
+    backbone: str = "mobilenet_v2"  # or "faceres" (VGGFace2 identification start; `make faceres`)
     input_size: int = 112         # E_exp resizes the 64 px face to this
     dropout: float = 0.2
     epochs: int = 16
@@ -88,8 +88,9 @@ class Recipe:
     augment: Augment = field(default_factory=Augment)
 
     def model_config(self) -> ModelConfig:
+        from model.nets.networks import EXP_DIMS
         return ModelConfig(image_size=SIZE, exp_backbone=self.backbone, exp_input_size=self.input_size,
-                           exp_dim=1280, dropout=self.dropout)
+                           exp_dim=EXP_DIMS[self.backbone], dropout=self.dropout)
 
 
 # 1. data ----------------------------------------------------------------------------
@@ -270,8 +271,11 @@ def train(recipe: Recipe, batches: Batches, run_dir: Path, val: dict[str, tuple[
     if not resuming:
         if init is not None:
             net.load_state_dict(init)
-        elif hasattr(net.exp_encoder, "load_imagenet"):
+        elif recipe.backbone == "mobilenet_v2":
             net.exp_encoder.load_imagenet()
+        elif recipe.backbone == "faceres":  # the graph's folded BatchNorm, re-expressed with real statistics
+            net.exp_encoder.load_graph()
+            net.exp_encoder.match_batchnorm(batches(0)[0])
         (run_dir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
     ema = EMA(net, recipe.ema_decay)
     head = list(net.exp_head.parameters())
@@ -345,25 +349,39 @@ def train(recipe: Recipe, batches: Batches, run_dir: Path, val: dict[str, tuple[
 
 # 5. export: E_exp and its head into a copy of existing weights ------------------------------
 
-def export(run_dir: Path, base: Path, out: Path, version: str) -> dict:
+def export(run_dir: Path, base: Path, out: Path, version: str, calibrate_on: tuple[str, ...] = (),
+           cache_dir: Path | None = None) -> dict:
+    """The run's EMA E_exp and head inside a copy of `base`'s weights (pose encoder
+    and renderer kept). With `calibrate_on` (validation splits): the logit
+    adjustment's strength, then a temperature, both chosen there and folded in."""
     from model.nets.networks import IPDFER
-    from model.weights import load_weights, save_weights
+    from model.training import calibrate
     from model.training.export import split_hashes
+    from model.weights import load_weights, save_weights
     ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     recipe = recipe_from_dict(ckpt["recipe"])
     loaded = load_weights(base)
     cfg = dataclasses.replace(loaded.config, exp_backbone=recipe.backbone, exp_input_size=recipe.input_size,
-                              exp_dim=1280, dropout=recipe.dropout)
+                              exp_dim=recipe.model_config().exp_dim, dropout=recipe.dropout)
     model = IPDFER(cfg)
     state = {k: v for k, v in loaded.model.state_dict().items()
              if not k.startswith(("exp_encoder.", "exp_head.", "class_bias"))}
     state.update(ckpt["ema"])
     state["class_bias"] = torch.zeros(cfg.num_classes)
     model.load_state_dict(state)
+    model.eval()
     extra = {"training": {"expression_run": ckpt["recipe"], "step": ckpt["step"],
                           "rest_from": {k: loaded.manifest.get(k) for k in ("name", "version", "sha256")},
+                          "rest_training": loaded.manifest.get("training"),
                           "split_hashes": split_hashes([*recipe.train_sets, *recipe.val_sets])}}
-    return save_weights(model.eval(), out, version=version, trained=True, extra=extra)
+    if calibrate_on:
+        val = load_faces(calibrate_on, "aligned", cache_dir)
+        train_labels = load_faces(recipe.train_sets, "aligned", cache_dir).labels
+        extra["logit_adjustment"] = {"split": ",".join(calibrate_on),
+                                     **calibrate.fit(model, val.aligned, val.labels, train_labels)}
+        extra["temperature"] = {"split": ",".join(calibrate_on),
+                                **calibrate.fit_temperature(model, val.aligned, val.labels)}
+    return save_weights(model, out, version=version, trained=True, extra=extra)
 
 
 def recipe_from_dict(d: dict) -> Recipe:
@@ -384,6 +402,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", type=Path, metavar="OUT_DIR", help="export the run's EMA E_exp into --base's weights")
     p.add_argument("--base", type=Path, default=Path("weights"), help="weights whose other parts --export keeps")
     p.add_argument("--version", default="0.0.0", help="version of exported weights")
+    p.add_argument("--calibrate-on", type=lambda v: tuple(v.split(",")) if v else (), default=(),
+                   help="with --export: validation splits that choose the logit adjustment and the "
+                        "temperature (e.g. fer2013:val,muxspace:val)")
     for f in dataclasses.fields(Recipe):
         if f.name in ("augment",):
             continue
@@ -397,8 +418,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or cache_root() / "runs" / args.name
     if args.export:
-        manifest = export(run_dir, args.base, args.export, args.version)
+        manifest = export(run_dir, args.base, args.export, args.version, args.calibrate_on, args.data_cache)
         print(json.dumps({k: manifest[k] for k in ("file", "sha256", "size_bytes")}))
+        for key in ("logit_adjustment", "temperature"):
+            if key in manifest:
+                print(key, json.dumps({k: v for k, v in manifest[key].items() if k not in ("sweep", "prior")}))
         return 0
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if f.name != "augment"})
     if recipe.views not in ("aligned", "raw", "both"):
