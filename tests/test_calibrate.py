@@ -76,3 +76,36 @@ def test_fit_sets_the_models_class_bias(shared_dir):
         raw = model.exp_head(model.exp_encoder(x))
         assert torch.allclose(model.encode(x)["logits"], raw + model.class_bias, atol=1e-5)
     assert {r["tau"] for r in info["sweep"]} == set(calibrate.TAUS)
+
+
+def test_expected_calibration_error_tells_calibrated_from_overconfident():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.3, 1.0, 20000)
+    labels = np.zeros(20000, dtype=np.int64)
+    correct = rng.uniform(size=20000) < conf            # right exactly as often as it claims
+    labels[~correct] = 1
+    probs = np.stack([conf, 1 - conf], 1)
+    assert calibrate.expected_calibration_error(probs, labels) < 0.02
+    sure = np.stack([np.full(20000, 0.99), np.full(20000, 0.01)], 1)   # claims 99%, right ~65%
+    assert calibrate.expected_calibration_error(sure, labels) > 0.3
+
+
+def test_temperature_undoes_overconfidence_and_keeps_every_label():
+    """Labels drawn from a model's own probabilities; the same model with its
+    classifier scaled x3 is overconfident: the fitted temperature is ~3, folded
+    into the classifier, and the top labels stay (up to the rare face whose two passes disagree)."""
+    torch.manual_seed(0)
+    model = IPDFER(ModelConfig()).eval()
+    images = (np.random.default_rng(1).uniform(0, 255, (600, 64, 64))).astype(np.uint8)
+    with torch.no_grad():
+        model.exp_head[-1].weight.mul_(40)   # spread the untrained logits: confident, varied answers
+        logits = calibrate.raw_logits(model, images)
+        probs = calibrate.served_probs(logits, np.zeros(7))
+        labels = np.array([np.random.default_rng(i).choice(7, p=p / p.sum()) for i, p in enumerate(probs)])
+        model.exp_head[-1].weight.mul_(3), model.exp_head[-1].bias.mul_(3)
+    before = calibrate.served_probs(calibrate.raw_logits(model, images), np.zeros(7))
+    fitted = calibrate.fit_temperature(model, images, labels)
+    after = calibrate.served_probs(calibrate.raw_logits(model, images), model.class_bias.numpy())
+    assert 2.4 <= fitted["temperature"] <= 3.6
+    assert fitted["val_ece"]["after"] < fitted["val_ece"]["before"]
+    assert (after.argmax(1) == before.argmax(1)).mean() > 0.98

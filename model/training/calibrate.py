@@ -102,7 +102,8 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 def fit_temperature(model: IPDFER, val_images: np.ndarray, val_labels: np.ndarray) -> dict:
     """The temperature T minimising the negative log-likelihood of the served
     probabilities on validation, folded into the model (head and class_bias
-    divided by T: the top label never changes); returns what the manifest records."""
+    divided by T: each pass's top label stays, the mirror average's can move where
+    the two passes disagree); returns what the manifest records."""
     keep = val_labels >= 0
     labels = val_labels[keep]
     logits = raw_logits(model, val_images[keep])
