@@ -4,11 +4,57 @@ from pathlib import Path
 import pytest
 
 
+# --- research data: tests that need it carry the `data` marker ---------------------------
+# The data sets (FER2013, CK+, muxspace) and dlib's golden vectors are not in the
+# repository. Without them those tests skip, with one summary line; in CI (where
+# the data is present) a skip is a failure (pytest_runtest_makereport below).
+
+DATA_HINT = ("set IPDFER_DATA to the folder holding fer2013/, ckplus48/ and muxspace/ "
+             "(its parent holds testvectors/; IPDFER_SHARED names that parent instead)")
+
+
+def shared_root() -> Path:
+    """The folder holding data/ and testvectors/: env IPDFER_SHARED, else the parent
+    of env IPDFER_DATA, else ../shared beside the repository."""
+    if os.environ.get("IPDFER_SHARED"):
+        return Path(os.environ["IPDFER_SHARED"])
+    if os.environ.get("IPDFER_DATA"):
+        return Path(os.environ["IPDFER_DATA"]).parent
+    return Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def have_research_data() -> bool:
+    return (shared_root() / "data" / "fer2013").is_dir()
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The shared data folder beside the repo (../shared); env IPDFER_SHARED overrides."""
-    default = Path(__file__).resolve().parents[1].parent / "shared"
-    return Path(os.environ.get("IPDFER_SHARED", default))
+    """The folder holding data/ and testvectors/ (shared_root); its users are data tests."""
+    if not have_research_data():
+        pytest.skip(f"needs the research data sets: {DATA_HINT}")
+    return shared_root()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "data: needs the research data sets (IPDFER_DATA); "
+                                       "skipped without them, required in CI")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that reads the data (through the shared_dir fixture, directly or
+    not) is a data test; without the data it is skipped before it starts."""
+    missing = not have_research_data()
+    for item in items:
+        if "shared_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)
+        if missing and item.get_closest_marker("data"):
+            item.add_marker(pytest.mark.skip(reason=f"data test: {DATA_HINT}"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "data test:" in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} data tests skipped: no research data sets here ({DATA_HINT})")
 
 
 # --- service tests (tests/test_service_*.py) -------------------------------------------

@@ -23,6 +23,9 @@ neutral render does not read E_exp).
 
     ipdfer train-expression --name exp-mnv2 --epochs 16            # start or resume
     ipdfer train-expression --name exp-mnv2 --export weights/ --base weights/
+
+Long module: one run reads top to bottom (data, augmentation, network, the loop,
+export, command line), as train.py does.
 """
 from __future__ import annotations
 
