@@ -91,3 +91,26 @@ def test_augmentation_changes_faces_but_keeps_them_faces():
     none = Augment(flip=0, rotate=0, scale=0, shift=0, low_res=0, jpeg=0, contrast=0, erase=0)
     same = augment_batch(x, none, torch.Generator().manual_seed(0))
     assert (same - x).abs().max() < 1e-4
+
+
+def test_cutmix_pastes_a_box_of_other_faces_and_reports_its_share():
+    from model.training.expression import cutmix
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 1, 16, 16).contiguous()
+    y = torch.arange(4)
+    for seed in range(20):
+        mixed, ya, yb, share = cutmix(x, y, torch.Generator().manual_seed(seed))
+        for i in range(4):
+            own = (mixed[i] == x[i]).float().mean().item()
+            if yb[i] != ya[i]:
+                assert abs(own - share) < 1e-6     # the share is the face's own area
+            assert set(mixed[i].unique().tolist()) <= {float(ya[i]), float(yb[i])}
+
+
+def test_cutmix_run_is_exactly_resumable_too(tmp_path):
+    faces, recipe = synthetic_faces(), tiny_recipe(cutmix=0.5)
+    train(recipe, Batches(faces, recipe), tmp_path / "whole", {}, quiet=True)
+    train(recipe, Batches(faces, recipe), tmp_path / "cut", {}, stop_after=3, quiet=True)
+    train(recipe, Batches(faces, recipe), tmp_path / "cut", {}, quiet=True)
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["net"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["net"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
