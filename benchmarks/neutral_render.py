@@ -11,7 +11,7 @@ The measure itself is model/training/neutral_check.py (also `ipdfer evaluate --n
 the edit each figure follows. The shipped model is 1,1. `--edit-region CY,AY,AX`
 confines every edit to a soft ellipse of the aligned crop (centre height, half
 height, half width, in crop units; edge feathered over 0.08), e.g. 0.66,0.30,0.26
-= brows to chin, cheek to cheek: the trial in the README's model card.
+= brows to chin, cheek to cheek: the trial in docs/model-card-0.5.2.md.
 `--split val` runs the check on the validation people (choose settings there).
 """
 from __future__ import annotations

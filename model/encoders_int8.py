@@ -11,7 +11,7 @@ and its first inverted-residual block stay fp32: with them quantized, ~12% of
 FER2013 validation top labels moved; quantized alone, the stem moved 7.8% and the
 first block 2.3%, every later block 1.3% or less.
 
-Measured on an AVX-512 VNNI Xeon, 2026-12-03 (README, Benchmarks), from the
+Measured on an AVX-512 VNNI Xeon, 2026-12-03 (docs/benchmarks.md), from the
 joint graph then served: FER2013 PrivateTest 67.68% vs 67.82% in fp32, same top
 label for 97.8% of faces; faces/s 1.6x / 1.7x the fp32 graph's at batch 1 / 32 on
 one thread (1.2x / 1.4x on two). Remade from the one-pass graph (AMX Xeon,

@@ -20,7 +20,7 @@ import torch
 
 # The smallest margin whose top labels agree with mirroring every face for >= 99.9%
 # of FER2013 PublicTest (validation), 0.5.2 weights: ~37% of faces mirrored;
-# PrivateTest 67.73% vs 67.82% (README: "The mirror pass").
+# PrivateTest 67.73% vs 67.82% (docs/model-card-0.5.2.md: "The mirror pass").
 DEFAULT_MARGIN = 0.3
 
 OnePass = Callable[[torch.Tensor], dict[str, torch.Tensor]]

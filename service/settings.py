@@ -2,8 +2,8 @@
 
 Every variable is `IPDFER_<FIELD>` (e.g. `IPDFER_MAX_BATCH_SIZE=8`); the Redis URL
 is also read from the conventional plain `REDIS_URL`. A `.env` file in the working
-directory is read too. Each default is documented beside its field; the README's
-settings table is generated from the same descriptions (`Settings.describe()`).
+directory is read too. Each default is documented beside its field; docs/configuration.md
+lists them with longer notes (`Settings.describe()` gives the rows).
 """
 from __future__ import annotations
 
@@ -135,8 +135,8 @@ class Settings(BaseSettings):
                                         "varied traffic; a trim costs ~0.1-0.3 s.")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the model. Unset: "
                                       "in process on the CPU, the cores divided among the batch loops (1 each on "
-                                      "2 cores; 2 threads' spinning competes with the API's own thread: README, "
-                                      "load test); elsewhere torch's default.")
+                                      "2 cores; 2 threads' spinning competes with the API's own thread: "
+                                      "docs/benchmarks.md, load test); elsewhere torch's default.")
 
     # --- processes ---------------------------------------------------------------
     host: str = Field("127.0.0.1", description="`ipdfer serve` bind address.")

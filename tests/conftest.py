@@ -13,26 +13,33 @@ DATA_HINT = ("set IPDFER_DATA to the folder holding fer2013/, ckplus48/ and muxs
              "(its parent holds testvectors/; IPDFER_SHARED names that parent instead)")
 
 
-def shared_root() -> Path:
-    """The folder holding data/ and testvectors/: env IPDFER_SHARED, else the parent
-    of env IPDFER_DATA, else ../shared beside the repository."""
-    if os.environ.get("IPDFER_SHARED"):
-        return Path(os.environ["IPDFER_SHARED"])
+def research_data() -> Path:
+    """The data sets folder: env IPDFER_DATA, else data/ of env IPDFER_SHARED, else
+    ../shared/data beside the repository."""
     if os.environ.get("IPDFER_DATA"):
-        return Path(os.environ["IPDFER_DATA"]).parent
-    return Path(__file__).resolve().parents[1].parent / "shared"
+        return Path(os.environ["IPDFER_DATA"])
+    shared = os.environ.get("IPDFER_SHARED") or Path(__file__).resolve().parents[1].parent / "shared"
+    return Path(shared) / "data"
 
 
 def have_research_data() -> bool:
-    return (shared_root() / "data" / "fer2013").is_dir()
+    return (research_data() / "fer2013").is_dir()
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The folder holding data/ and testvectors/ (shared_root); its users are data tests."""
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder holding data/ (the data sets) and testvectors/ (dlib's golden
+    vectors, beside the data folder); its users are data tests."""
     if not have_research_data():
         pytest.skip(f"needs the research data sets: {DATA_HINT}")
-    return shared_root()
+    data = research_data().resolve()
+    if data.name == "data":
+        return data.parent
+    view = tmp_path_factory.mktemp("shared")   # another folder name: link it as data/
+    (view / "data").symlink_to(data)
+    if (data.parent / "testvectors").is_dir():
+        (view / "testvectors").symlink_to(data.parent / "testvectors")
+    return view
 
 
 def pytest_configure(config):

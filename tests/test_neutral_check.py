@@ -15,7 +15,7 @@ JUDGE = DEFAULT_WEIGHTS_DIR / "judge"   # a classifier trained apart from the sh
 
 
 def test_the_default_manifest_holds_the_test_people_of_the_benchmark():
-    # the figures in the README are over these 126 people and 573 expressive photos
+    # the figures in docs/model-card-0.5.2.md are over these 126 people and 573 expressive photos
     people = neutral_check.people_with_both(neutral_check.MANIFEST, "test")
     assert len(people) == 126
     assert sum(len(v["expressive"]) for v in people.values()) == 573

@@ -1,6 +1,6 @@
 """IPD-FER objectives as nn.Modules. `GeneratorObjective` computes every term
 that trains the encoders, heads and decoder; the discriminator has its own
-hinge loss. Terms and weights: model.config.LossWeights and the README (Losses)."""
+hinge loss. Terms and weights: model.config.LossWeights and docs/training.md (Losses)."""
 from __future__ import annotations
 
 import numpy as np
