@@ -284,7 +284,8 @@ class Analyzer:
                 for i, result in zip(idx, self._process([images[i] for i in idx], flag,
                                                         [max_faces[i] for i in idx])):
                     faces[i] = result
-                detect_s += self.pipeline.detector.last_seconds
+                # aligned crops are located by the CropLocator's own detectors (MTCNN on the crop)
+                detect_s += self.pipeline.crops.last_seconds if flag else self.pipeline.detector.last_seconds
         flat = [(i, f) for i, fs in enumerate(faces) if not isinstance(fs, Exception) for f in fs]
         results: list[facelib.Faces | Exception] = [
             fs if isinstance(fs, Exception) else facelib.Faces([], fs.detected) for fs in faces]

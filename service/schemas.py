@@ -21,15 +21,18 @@ class PredictOptions(BaseModel):
                                              "(base64 PNG in `neutral_png`).")
     max_faces: int | None = Field(None, ge=1, le=MAX_FACES_LIMIT,
                                   description="Keep at most this many faces (best detections first).")
-    aligned: bool = Field(False, description="The image already is a face crop (eyes level, face "
-                                             "filling the square): skip detection.")
+    aligned: bool = Field(False, description="The image already is one face crop (the face filling it): "
+                                             "no search for faces in a photo; MTCNN runs on the crop only "
+                                             "to align it as training crops were (a centre crop if it "
+                                             "finds none), and the reply has no box, landmarks or score.")
 
 
 class NeutralizeOptions(BaseModel):
     """Query options of POST /neutralize."""
     model_config = ConfigDict(extra="forbid")
 
-    aligned: bool = Field(False, description="The image already is a face crop: skip detection.")
+    aligned: bool = Field(False, description="The image already is one face crop: aligned on the crop "
+                                             "as with /predict?aligned=true.")
 
 
 RenderKind = Literal["neutral", "residue"]

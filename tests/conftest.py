@@ -149,3 +149,14 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("CI") and report.skipped and call.when in ("setup", "call"):
         report.outcome = "failed"
         report.longrepr = f"skipped in CI (treated as a failure): {report.longrepr}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that changes torch's thread count must not change which runtime the
+    next test exercises (MTCNN's runtime choice reads it): restore it after each."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

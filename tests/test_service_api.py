@@ -215,7 +215,9 @@ def test_neutral_renders_are_decodable_pngs(service_pipeline):
     run(go())
 
 
-def test_aligned_input_skips_detection(service_pipeline):
+def test_aligned_input_is_located_on_the_crop_and_its_detection_timed(service_pipeline):
+    """aligned=true: MTCNN runs on the crop (to align it as training crops were) and
+    its time is reported as detect_ms; the reply has no box, landmarks or score."""
     crop = np.ascontiguousarray(astronaut()[40:200, 145:305])  # the face, roughly centred
 
     async def go():
@@ -226,6 +228,7 @@ def test_aligned_input_skips_detection(service_pipeline):
             assert_valid_prediction(body, 160, 160)
             (face,) = body["faces"]
             assert face["box"] is None and face["landmarks"] is None and face["score"] is None
+            assert body["timings"]["detect_ms"] > 0
     run(go())
 
 

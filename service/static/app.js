@@ -234,7 +234,7 @@ function drawOverlay() {
   const line = Math.max(2, Math.round(Math.max(width, height) / 250));
   const drawn = [];
   result.faces.forEach((face, i) => {
-    if (!face.box) return; // aligned input: no detection
+    if (!face.box) return; // aligned input: no box to draw
     const [x1, y1, x2, y2] = face.box;
     const color = COLORS[i % COLORS.length];
     const on = state.highlight === -1 || state.highlight === i;
