@@ -18,6 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The smallest face looked for in photos, by the service (IPDFER_MIN_FACE_SIZE) and
+# `ipdfer detect`: FER2013's faces, the smallest the model was trained on. 20 (the
+# FaceDetector's default, facenet-pytorch's, which data preparation ran with) also
+# finds smaller faces at ~1.6x the detection time.
+PHOTO_MIN_FACE_SIZE = 40
+
 # Pillow format names we accept. MPO is what Pillow calls many phone JPEGs.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
 MAX_BYTES = 32 * 1024 * 1024

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.images import PHOTO_MIN_FACE_SIZE
 from model.onnx_runtime import RUNTIMES
 from model.precisions import PRECISIONS
 
@@ -120,7 +121,7 @@ class Settings(BaseSettings):
                             "a CPU without it, it is refused. int8 (CPU): the encoders' quantized graph "
                             "(weights/encoders.int8.onnx) in ONNX Runtime, 1.6-1.7x the faces/s on one thread, 1.2-1.4x on two; FER2013 test "
                             "67.68% vs 67.82%, same top label for 97.8% of faces. Renders stay fp32.")
-    min_face_size: int = Field(40, ge=12, description="Smallest face MTCNN looks for, in pixels of the photo "
+    min_face_size: int = Field(PHOTO_MIN_FACE_SIZE, ge=12, description="Smallest face MTCNN looks for, in pixels of the photo "
                                "as detected (after the 1280 px cap). 40: the smallest faces the model was trained "
                                "on (FER2013's); 20 also finds smaller ones at ~1.6x the detection time.")
     runtime: Literal[RUNTIMES] = Field(

@@ -651,3 +651,10 @@ def test_aligned_crops_are_located_as_preparation_located_them_whatever_the_serv
     assert pipeline.crops.small.min_face_size == CROP_SMALL_MIN_FACE
     assert pipeline.crops.large.min_face_size == FaceDetector().min_face_size == 20
     assert pipeline.detector.min_face_size == 60
+
+
+def test_detect_cli_looks_for_the_services_smallest_face():
+    from service.cli import build_parser
+    from service.settings import Settings
+    args = build_parser("detect").parse_args(["detect", "photo.jpg"])
+    assert args.min_face_size == Settings(redis_url=None).min_face_size == 40

@@ -7,17 +7,20 @@ import json
 from pathlib import Path
 
 from model.faces.detect import FaceDetector
-from model.images import ImageError, load_image
+from model.images import PHOTO_MIN_FACE_SIZE, ImageError, load_image
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--min-score", type=float, default=0.9, help="detection score threshold")
+    p.add_argument("--min-face-size", type=int, default=PHOTO_MIN_FACE_SIZE,
+                   help=f"smallest face looked for, px (default {PHOTO_MIN_FACE_SIZE}, as the service; 20 finds "
+                        "smaller faces, slower)")
     p.add_argument("--device", default="cpu")
 
 
 def run(args: argparse.Namespace) -> int:
-    detector = FaceDetector(device=args.device, min_score=args.min_score)
+    detector = FaceDetector(device=args.device, min_score=args.min_score, min_face_size=args.min_face_size)
     failed = 0
     for path in args.images:
         try:
