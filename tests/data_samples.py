@@ -3,10 +3,14 @@
 Every image is a real file from ../shared/data (copied, or re-encoded where a
 layout needs another format); duplicates and conflicts are planted on purpose so
 the split rules have something to catch.
+
+Below them, real face photos for the tests that need a face, not the data sets:
+crops of the astronaut portrait scikit-image ships (public domain).
 """
 from __future__ import annotations
 
 import csv
+import io
 import shutil
 from pathlib import Path
 
@@ -167,3 +171,100 @@ def make_generic(src: Path, dst: Path) -> Path:
         for f in files:
             shutil.copy(f, root / label / f.name)
     return root
+
+
+# --- images the repository may ship: the astronaut ----------------------------------
+# Tests that need real face photos, not the data sets, use skimage.data.astronaut()
+# (Eileen Collins, a public-domain NASA portrait, 512 x 512 RGB, shipped with
+# scikit-image): different crops, scales, mirror images and greyscale copies of it.
+# They run on a fresh clone, without the research data.
+
+ASTRONAUT_FACE = (224, 119)   # the centre of MTCNN's box on the portrait (x 180-268, y 62-176)
+
+
+def astronaut() -> np.ndarray:
+    from skimage import data
+    return data.astronaut()
+
+
+def astronaut_mouth_hidden(k: int) -> np.ndarray:
+    """The portrait with the smile hidden or undone, the k-th of four ways: a grey
+    patch over the mouth (two heights), the mouth blurred, the mouth upside down. What
+    the model makes of those faces is unsure, unlike the astronaut's broad smile."""
+    image = astronaut()
+    mouth = (slice(125, 165), slice(195, 255)) if k % 4 != 1 else (slice(130, 170), slice(195, 255))
+    if k % 4 in (0, 1):
+        image[mouth] = 128
+    elif k % 4 == 2:
+        image[mouth] = np.asarray(Image.fromarray(image[mouth]).resize((6, 4)).resize((60, 40), Image.BILINEAR))
+    else:
+        image[128:160, 195:255] = image[128:160, 195:255][::-1].copy()
+    return image
+
+
+def _astronaut_crops(n: int, size: int, sides: tuple[int, int], jitter: int, seed: int,
+                     mouth_hidden: bool = False) -> list[np.ndarray]:
+    """n crops around the astronaut's face, each of another side (pixels of the
+    portrait) and centre, resized to size x size; every 2nd mirrored, every 3rd grey
+    (a 2-D array, as a greyscale photo file holds it). mouth_hidden: crops of
+    `astronaut_mouth_hidden` portraits."""
+    pad = 96
+    images = [astronaut_mouth_hidden(k) for k in range(4)] if mouth_hidden else [astronaut()]
+    images = [np.pad(im, ((pad, pad), (pad, pad), (0, 0)), mode="edge") for im in images]  # room for any crop
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        image = images[i % len(images)]
+        side = int(rng.integers(*sides))
+        cx, cy = np.array(ASTRONAUT_FACE) + pad + rng.integers(-jitter, jitter + 1, 2)
+        crop = image[cy - side // 2:cy - side // 2 + side, cx - side // 2:cx - side // 2 + side]
+        photo = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.LANCZOS)
+        if i % 2:
+            photo = photo.transpose(Image.FLIP_LEFT_RIGHT)
+        if i % 3 == 2:
+            photo = photo.convert("L")
+        out.append(np.asarray(photo))
+    return out
+
+
+def astronaut_photos(n: int, size: int = 224) -> list[np.ndarray]:
+    """n different size x size photos of the astronaut's face, framed as muxspace's
+    (LFW's) photos are: the face about a third of the side, not quite centred."""
+    return _astronaut_crops(n, size, sides=(190, 300), jitter=16, seed=n)
+
+
+def astronaut_jpegs(n: int, size: int = 224) -> list[bytes]:
+    """`astronaut_photos` as JPEG files' bytes (greyscale ones as greyscale JPEGs)."""
+    out = []
+    for photo in astronaut_photos(n, size):
+        buf = io.BytesIO()
+        Image.fromarray(photo).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def astronaut_face_crops(n: int, size: int = 48, mouth_hidden: bool = False) -> list[np.ndarray]:
+    """n tight greyscale crops of the astronaut's face, size x size, framed as
+    FER2013's and CK+48's crops are (the face fills the crop); mouth_hidden: of
+    `astronaut_mouth_hidden` portraits."""
+    return [np.asarray(Image.fromarray(c).convert("L"))
+            for c in _astronaut_crops(n, size, sides=(110, 140), jitter=6, seed=n + 1, mouth_hidden=mouth_hidden)]
+
+
+def make_astronaut_layout(dst: Path, per_folder: int = 4) -> Path:
+    """A data folder with the layouts smoke_dataset reads (ckplus48/<emo>/*.png,
+    fer2013/train/<emo>/*.jpg), every image an astronaut face crop, every other one
+    with the smile hidden. Their labels are the folders' names, not the astronaut's
+    expression: for the training loop's smoke tests, never for accuracy."""
+    folders = [("ckplus48", emo, "png") for emo in ("anger", "contempt", "disgust", "fear", "happy", "sadness",
+                                                     "surprise")]
+    folders += [("fer2013/train", emo, "jpg") for emo in ("angry", "disgust", "fear", "happy", "neutral", "sad",
+                                                           "surprise")]
+    half = len(folders) * per_folder // 2 + 1
+    crops = iter([c for pair in zip(astronaut_face_crops(half), astronaut_face_crops(half, mouth_hidden=True))
+                  for c in pair])
+    for top, emo, ext in folders:
+        (dst / top / emo).mkdir(parents=True, exist_ok=True)
+        for k in range(per_folder):
+            Image.fromarray(next(crops)).save(dst / top / emo / f"astronaut_{k}.{ext}")
+    return dst

@@ -84,3 +84,13 @@ def test_train_cli_refuses_an_unknown_key_before_loading_data(tmp_path):
         assert "config error" in proc.stderr and ("loss.adversaral" in proc.stderr
                                                   or "model.image_sise" in proc.stderr), proc.stderr
         assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_gpu_recipe_trains_the_shipped_architecture():
+    """The one-run GPU recipe builds what weights/ holds (it once trained the retired
+    painting decoder): its model section resolves to the manifest's model config."""
+    shipped = json.loads((REPO / "weights" / "manifest.json").read_text())["model_config"]
+    built = json.loads(json.dumps(to_dict(load_train_config(CONFIGS / "gpu_recipe.json").model)))
+    for config in (shipped, built):
+        config.pop("flip_tta", None)   # how predictions are served, not the architecture
+    assert built == shipped

@@ -7,6 +7,7 @@ import torch
 
 from model.data.datasets import FaceSet, smoke_dataset
 from model.data.device_data import DeviceBatches, warp
+from tests.data_samples import make_astronaut_layout
 
 
 def _faceset(images: np.ndarray, pose: np.ndarray) -> FaceSet:
@@ -50,8 +51,8 @@ def test_flip_mirrors_the_face_and_negates_yaw_and_roll():
     assert torch.allclose(pose[~flipped], torch.tensor([10.0, 5.0, 3.0]).expand(int((~flipped).sum()), 3))
 
 
-def test_epochs_cover_every_item_once_split_across_ranks(shared_dir):
-    faces = smoke_dataset(64, shared_dir, n=28).faces
+def test_epochs_cover_every_item_once_split_across_ranks(tmp_path):
+    faces = smoke_dataset(64, make_astronaut_layout(tmp_path), n=28).faces   # 28 crops of a real face
     ranks = [DeviceBatches([faces], 4, "cpu", seed=3, rank=r, world_size=2) for r in (0, 1)]
     seen = []
     for b in ranks:

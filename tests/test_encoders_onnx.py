@@ -14,6 +14,7 @@ from model.images import load_image
 from model.inference import Analyzer, inference_form, resolve_runtime
 from model.nets.networks import IPDFER
 from model.weights import DEFAULT_WEIGHTS_DIR, MANIFEST, load_weights, save_weights
+from tests.data_samples import astronaut_jpegs
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,9 @@ def test_the_committed_graph_was_exported_from_the_committed_weights():
     assert Analyzer.load(device="cpu").runtime == "onnxruntime"
 
 
-def test_onnx_runtime_predicts_what_pytorch_predicts_on_real_faces(analyzers, shared_dir):
+def test_onnx_runtime_predicts_what_pytorch_predicts_on_real_faces(analyzers):
     onnx, torch_ = analyzers
-    files = sorted((shared_dir / "data" / "muxspace" / "images").glob("*.jpg"))[:12]
-    assert len(files) == 12, shared_dir
-    images = [load_image(f) for f in files]
+    images = [load_image(jpg) for jpg in astronaut_jpegs(12)]   # 12 photos of one real face
     # 1 face, then 12: the mirror pass runs for some of them (test_mirror.py)
     for batch in (images[:1], images):
         a = onnx.analyze(batch, [False] * len(batch), [None] * len(batch), [False] * len(batch))

@@ -10,6 +10,7 @@ from model.config import LossWeights, ModelConfig
 from model.labels import NEUTRAL
 from model.nets.losses import GeneratorObjective, IdentityLoss
 from model.nets.networks import IPDFER
+from tests.data_samples import make_astronaut_layout
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +69,10 @@ def test_ablation_uses_only_expression_and_pose():
     assert set(terms) == {"expression", "pose"}
 
 
-def test_distillation_moves_the_one_pass_towards_the_teachers_mirror_average(shared_dir):
+def test_distillation_moves_the_one_pass_towards_the_teachers_mirror_average(tmp_path):
     """loss.distill: the student's one-pass probabilities learn the flip-TTA
-    average of the teacher (the shipped model) on real faces; the teacher stays."""
+    average of the teacher (the shipped model) on real faces (crops of the
+    astronaut, half of them with the smile hidden); the teacher stays."""
     import copy
 
     from model.data.datasets import smoke_dataset
@@ -81,7 +83,7 @@ def test_distillation_moves_the_one_pass_towards_the_teachers_mirror_average(sha
     trained = [*student.exp_encoder.parameters(), *student.exp_head.parameters()]
     for p in trained:
         p.requires_grad_(True)
-    faces = smoke_dataset(64, shared_dir, n=32)
+    faces = smoke_dataset(64, make_astronaut_layout(tmp_path), n=32)
     assert len(faces) >= 12
     batch = {k: torch.stack([faces[i][k] for i in range(len(faces))]) for k in ("image", "label", "pose")}
     objective = GeneratorObjective(LossWeights(expression=0, pose=0, distill=1), teacher=teacher)

@@ -7,20 +7,22 @@ import numpy as np
 import pydantic
 import pytest
 import torch
+from PIL import Image
 
 from model import faces as facelib
 from model import mirror
-from model.images import load_image
 from model.inference import Analyzer
 from service.settings import Settings
+from tests.data_samples import astronaut_face_crops
 
 
 @pytest.fixture(scope="module")
-def faces(shared_dir):
-    """48 real FER2013 test crops, aligned as the service aligns aligned=true."""
-    files = sorted((shared_dir / "data" / "fer2013" / "test").glob("*/PrivateTest_*.jpg"))[::70][:48]
-    assert len(files) == 48, shared_dir
-    images = [load_image(f) for f in files]
+def faces():
+    """48 greyscale 48 x 48 crops of a real face (the astronaut), every other one
+    with the smile hidden or undone (unsure faces), aligned as the service aligns
+    aligned=true."""
+    crops = [c for pair in zip(astronaut_face_crops(24), astronaut_face_crops(24, mouth_hidden=True)) for c in pair]
+    images = [np.asarray(Image.fromarray(c).convert("RGB")) for c in crops]
     analyzer = Analyzer.load(device="cpu", precision="fp32", runtime="torch")
     aligned = [fs[0].aligned for fs in analyzer.pipeline.process(images, aligned=True, max_faces=[1] * 48)]
     return images, aligned

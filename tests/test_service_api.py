@@ -22,6 +22,7 @@ from service.pipeline import Outcome
 from service.schemas import PredictOut
 from service.server import create_app
 from service.settings import Settings
+from tests.data_samples import astronaut_jpegs
 
 # --- images ------------------------------------------------------------------------
 
@@ -35,14 +36,6 @@ def encode(array: np.ndarray, fmt: str, **kw) -> bytes:
 def astronaut() -> np.ndarray:
     from skimage import data
     return data.astronaut()
-
-
-def muxspace_jpegs(shared_dir: Path, n: int) -> list[Path]:
-    folder = shared_dir / "data" / "muxspace" / "images"
-    files = sorted(folder.glob("*.jpg"))[:n] if folder.is_dir() else []
-    if len(files) < n:
-        pytest.skip(f"needs {n} JPEGs in {folder}")
-    return files
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
@@ -144,8 +137,8 @@ def assert_valid_prediction(body: dict, width: int, height: int) -> None:
 # --- tests -------------------------------------------------------------------------
 
 
-def test_predict_round_trip_on_real_photos(service_pipeline, shared_dir):
-    files = muxspace_jpegs(shared_dir, 3)
+def test_predict_round_trip_on_real_photos(service_pipeline):
+    photos = astronaut_jpegs(3)   # 224 x 224, as muxspace's photos are; one of them greyscale
     img = astronaut()
 
     async def go():
@@ -159,7 +152,7 @@ def test_predict_round_trip_on_real_photos(service_pipeline, shared_dir):
             assert len(body["faces"]) == 1 and body["faces"][0]["score"] > 0.9
             assert body["faces"][0]["neutral_png"] is None
             # raw bodies, several at once (batched together), PNG too
-            bodies = [f.read_bytes() for f in files] + [encode(img, "PNG")]
+            bodies = [*photos, encode(img, "PNG")]
             rs = await asyncio.gather(*[c.post("/predict", content=b, headers={"content-type": "image/jpeg"})
                                         for b in bodies])
             for r in rs:

@@ -9,11 +9,14 @@ from PIL import Image
 from service import cli
 from service.pipeline import Pipeline
 from service.predict import predict_files
-from tests.test_service_api import astronaut, encode, muxspace_jpegs
+from tests.data_samples import astronaut_jpegs
+from tests.test_service_api import astronaut, encode
 
 
-def test_predict_files_prints_one_json_line_per_file(service_pipeline, shared_dir, tmp_path):
-    photos = muxspace_jpegs(shared_dir, 2)
+def test_predict_files_prints_one_json_line_per_file(service_pipeline, tmp_path):
+    photos = [tmp_path / f"photo{i}.jpg" for i in range(2)]
+    for path, jpg in zip(photos, astronaut_jpegs(2)):
+        path.write_bytes(jpg)
     (tmp_path / "astronaut.png").write_bytes(encode(astronaut(), "PNG"))
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
     files = [*photos, tmp_path / "astronaut.png", tmp_path / "broken.jpg", tmp_path / "missing.jpg"]

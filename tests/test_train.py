@@ -1,5 +1,7 @@
 """Training loop smoke tests on real images: a few steps, resume, export, and
-the exported weights load into the inference path."""
+the exported weights load into the inference path. The images: crops of the
+astronaut portrait scikit-image ships, in the data sets' layouts (no research
+data needed)."""
 import json
 
 import numpy as np
@@ -8,12 +10,19 @@ import torch
 
 from model.weights import load_weights
 from service.cli import main
+from tests.data_samples import make_astronaut_layout
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, shared_dir):
+def data_root(tmp_path_factory):
+    """What --smoke reads (ckplus48/, fer2013/train/): 56 crops of a real face."""
+    return make_astronaut_layout(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_root):
     run_dir = tmp_path_factory.mktemp("run")
-    assert main(["train", "--smoke", "--run-dir", str(run_dir), "--data-root", str(shared_dir)]) == 0
+    assert main(["train", "--smoke", "--run-dir", str(run_dir), "--data-root", str(data_root)]) == 0
     return run_dir
 
 
@@ -34,10 +43,10 @@ def test_smoke_run_writes_config_log_and_checkpoint(smoke_run):
     assert all(np.isfinite(losses))
 
 
-def test_resume_continues_from_checkpoint(smoke_run, shared_dir, capsys):
+def test_resume_continues_from_checkpoint(smoke_run, data_root, capsys):
     before = torch.load(smoke_run / "last.pt", map_location="cpu", weights_only=True)
     assert main(["train", "--smoke", "--max-steps", "5", "--run-dir", str(smoke_run),
-                 "--data-root", str(shared_dir)]) == 0
+                 "--data-root", str(data_root)]) == 0
     assert f"resumed from {smoke_run / 'last.pt'} at step 3" in capsys.readouterr().out
     after = torch.load(smoke_run / "last.pt", map_location="cpu", weights_only=True)
     assert after["step"] == 5
@@ -84,13 +93,13 @@ def test_ema_warms_up_so_short_runs_are_not_mostly_initialisation():
     assert ema.model.weight.min() > 0.9
 
 
-def test_init_starts_a_new_run_from_exported_weights(smoke_run, shared_dir, tmp_path):
+def test_init_starts_a_new_run_from_exported_weights(smoke_run, data_root, tmp_path):
     parent = tmp_path / "parent"
     assert main(["export", "--checkpoint", str(smoke_run / "last.pt"), "--out", str(parent),
                  "--version", "9.9.9"]) == 0
     run_dir = tmp_path / "child"
     assert main(["train", "--smoke", "--max-steps", "1", "--init", str(parent), "--run-dir", str(run_dir),
-                 "--data-root", str(shared_dir)]) == 0
+                 "--data-root", str(data_root)]) == 0
     ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["data"]["init"]["version"] == "9.9.9"
     assert ckpt["data"]["init"]["sha256"] == load_weights(parent).manifest["sha256"]
@@ -100,12 +109,12 @@ def test_init_starts_a_new_run_from_exported_weights(smoke_run, shared_dir, tmp_
     assert (ckpt["model"][w] - start[w]).abs().max() < 0.05 * start[w].abs().max()
 
 
-def test_init_refuses_weights_of_another_architecture(smoke_run, shared_dir, tmp_path):
+def test_init_refuses_weights_of_another_architecture(smoke_run, data_root, tmp_path):
     parent = tmp_path / "parent"
     main(["export", "--checkpoint", str(smoke_run / "last.pt"), "--out", str(parent)])
     with pytest.raises(ValueError, match="different architecture"):
         main(["train", "--smoke", "--max-steps", "1", "--image-size", "32", "--init", str(parent),
-              "--run-dir", str(tmp_path / "child"), "--data-root", str(shared_dir)])
+              "--run-dir", str(tmp_path / "child"), "--data-root", str(data_root)])
 
 
 def test_mixed_precision_dtype_follows_the_device():
@@ -115,7 +124,7 @@ def test_mixed_precision_dtype_follows_the_device():
     assert cpu == (torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None)
 
 
-def test_freeze_encoders_trains_the_renderer_and_leaves_predictions_alone(smoke_run, shared_dir, tmp_path):
+def test_freeze_encoders_trains_the_renderer_and_leaves_predictions_alone(smoke_run, data_root, tmp_path):
     from model.config import TrainConfig, to_dict
     parent = tmp_path / "parent"
     assert main(["export", "--checkpoint", str(smoke_run / "last.pt"), "--out", str(parent)]) == 0
@@ -125,9 +134,9 @@ def test_freeze_encoders_trains_the_renderer_and_leaves_predictions_alone(smoke_
     run_dir = tmp_path / "polish"
     with pytest.raises(ValueError, match="--init"):
         main(["train", str(tmp_path / "polish.json"), "--smoke", "--run-dir", str(run_dir),
-              "--data-root", str(shared_dir)])
+              "--data-root", str(data_root)])
     assert main(["train", str(tmp_path / "polish.json"), "--smoke", "--max-steps", "2", "--init", str(parent),
-                 "--run-dir", str(run_dir), "--data-root", str(shared_dir)]) == 0
+                 "--run-dir", str(run_dir), "--data-root", str(data_root)]) == 0
     start = load_weights(parent).model.state_dict()
     after = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
     for k in start:
@@ -136,7 +145,7 @@ def test_freeze_encoders_trains_the_renderer_and_leaves_predictions_alone(smoke_
     assert not torch.equal(after["decoder.fc.weight"], start["decoder.fc.weight"])
 
 
-def test_distillation_trains_a_one_pass_expression_encoder_and_nothing_else(smoke_run, shared_dir, tmp_path):
+def test_distillation_trains_a_one_pass_expression_encoder_and_nothing_else(smoke_run, data_root, tmp_path):
     from model.config import TrainConfig, to_dict
     parent = tmp_path / "parent"
     assert main(["export", "--checkpoint", str(smoke_run / "last.pt"), "--out", str(parent)]) == 0
@@ -147,7 +156,7 @@ def test_distillation_trains_a_one_pass_expression_encoder_and_nothing_else(smok
     (tmp_path / "distill.json").write_text(json.dumps(cfg))
     run_dir = tmp_path / "distill"
     args = ["train", str(tmp_path / "distill.json"), "--smoke", "--max-steps", "2", "--run-dir", str(run_dir),
-            "--data-root", str(shared_dir)]
+            "--data-root", str(data_root)]
     with pytest.raises(ValueError, match="--init"):
         main(args)
     assert main([*args, "--init", str(parent)]) == 0
@@ -178,12 +187,12 @@ def _torchrun(args: list[str], tmp_path) -> "subprocess.CompletedProcess":
 
 @pytest.mark.parametrize("extra", [[], ["--ablation", "--batches", "device"]],
                          ids=["full-dataloader", "ablation-device-batches"])
-def test_two_process_training_keeps_ranks_identical(shared_dir, tmp_path, extra):
+def test_two_process_training_keeps_ranks_identical(data_root, tmp_path, extra):
     """torchrun with 2 CPU processes (gloo): ranks see different batches and seeds, so
     only all-reduced gradients keep their parameters equal; every checkpoint checks
     that (train.assert_ranks_in_sync), and the run fails if they diverge."""
     run_dir = tmp_path / "run"
-    out = _torchrun(["--smoke", "--run-dir", str(run_dir), "--data-root", str(shared_dir), *extra], tmp_path)
+    out = _torchrun(["--smoke", "--run-dir", str(run_dir), "--data-root", str(data_root), *extra], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ranks diverged" not in out.stderr
     ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
