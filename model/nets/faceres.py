@@ -109,11 +109,14 @@ class FaceResEncoder(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.register_buffer("mean", torch.tensor(CAFFE_BGR_MEAN).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,1,S,S) in [-1,1] -> (N,3,input_size,input_size), BGR 0..255 minus the Caffe mean."""
         if x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        x = (x + 1) * 127.5 - self.mean          # (N,3,S,S) BGR - Caffe mean
-        return self.layers(x).mean(dim=(2, 3))   # (N,1024)
+        return (x + 1) * 127.5 - self.mean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.network_input(x)).mean(dim=(2, 3))   # (N,1024)
 
     def load_graph(self, graph_dir: Path | None = None) -> None:
         """Load the TF.js graph's weights; BatchNorm starts as the folded scale and
@@ -145,10 +148,7 @@ class FaceResEncoder(nn.Module):
         statistics) the network then starts close to the graph it was."""
         was = self.training
         self.eval()
-        x = batch
-        if x.shape[-1] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        x = (x + 1) * 127.5 - self.mean
+        x = self.network_input(batch)
         for layer in self.layers:
             y = layer.conv(_same_pad(x, layer.stride) if layer.kernel == 3 else x)
             bn = layer.bn

@@ -49,8 +49,7 @@ def sweep(logits: tuple[np.ndarray, np.ndarray], labels: np.ndarray, prior: np.n
     rows = []
     present = np.unique(labels)
     for tau in taus:
-        bias = -tau * np.log(prior)
-        pred = ((_probs(logits[0], bias) + _probs(logits[1], bias)) / 2).argmax(1)
+        pred = served_probs(logits, -tau * np.log(prior)).argmax(1)
         per_class = np.array([(pred[labels == c] == c).mean() for c in present])
         rows.append({"tau": float(tau), "accuracy": round(float((pred == labels).mean()), 4),
                      "mean_class_accuracy": round(float(per_class.mean()), 4),
@@ -90,11 +89,17 @@ def served_probs(logits: tuple[np.ndarray, np.ndarray], bias: np.ndarray, temper
             + _probs(logits[1] / temperature, bias / temperature)) / 2
 
 
+def _confidence_bins(probs: np.ndarray, labels: np.ndarray, bins: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-1 confidence, whether it is right, and its bin of `bins` equal widths."""
+    conf = probs.max(1)
+    which = np.clip(np.digitize(conf, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    return conf, probs.argmax(1) == labels, which
+
+
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """Top-1 confidence against accuracy in `bins` equal-width bins, weighted by count."""
-    conf, correct = probs.max(1), probs.argmax(1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    conf, correct, which = _confidence_bins(probs, labels, bins)
     return float(sum(abs(conf[which == b].mean() - correct[which == b].mean()) * (which == b).mean()
                      for b in range(bins) if (which == b).any()))
 
@@ -126,9 +131,8 @@ def reliability_diagram(probs: np.ndarray, labels: np.ndarray, path, title: str,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    conf, correct = probs.max(1), probs.argmax(1) == labels
+    _, correct, which = _confidence_bins(probs, labels, bins)
     edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
     acc = [correct[which == b].mean() if (which == b).any() else 0 for b in range(bins)]
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
     ax.bar(edges[:-1], acc, width=1 / bins, align="edge", edgecolor="black", label="accuracy")

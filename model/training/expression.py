@@ -116,6 +116,7 @@ def _raw_crops(dataset: str, paths: list[str], root: Path) -> np.ndarray:
     """Data-set crops as grey 64 px, cached under the cache root (decoding ~50k files takes minutes)."""
     import hashlib
     from model.data.sources import ImageReader, find_root
+    from model.fileio import atomic_write
     key = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
     path = cache_root() / "expression" / f"{dataset}_raw{SIZE}_{key}.npy"
     if path.is_file():
@@ -125,9 +126,7 @@ def _raw_crops(dataset: str, paths: list[str], root: Path) -> np.ndarray:
         grey = cv2.cvtColor(reader(p), cv2.COLOR_RGB2GRAY)
         interp = cv2.INTER_AREA if grey.shape[0] > SIZE else cv2.INTER_LINEAR
         out[i] = cv2.resize(grey, (SIZE, SIZE), interpolation=interp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path.with_suffix(".tmp.npy"), out)
-    path.with_suffix(".tmp.npy").replace(path)
+    atomic_write(path, lambda tmp: np.save(tmp, out), suffix=".npy")
     return out
 
 
@@ -402,7 +401,9 @@ def export(run_dir: Path, base: Path, out: Path, version: str, calibrate_on: tup
                           "split_hashes": split_hashes([*recipe.train_sets, *recipe.val_sets])}}
     if calibrate_on:
         val = load_faces(calibrate_on, "aligned", cache_dir)
-        train_labels = load_faces(recipe.train_sets, "aligned", cache_dir).labels
+        from model.data.datasets import load_split  # the prior needs the labels, not the faces
+        train_labels = np.concatenate([load_split(*name.split(":"), size=SIZE, cache_dir=cache_dir).labels
+                                       for name in recipe.train_sets])
         extra["logit_adjustment"] = {"split": ",".join(calibrate_on),
                                      **calibrate.fit(model, val.aligned, val.labels, train_labels)}
         extra["temperature"] = {"split": ",".join(calibrate_on),
@@ -454,7 +455,6 @@ def run(args: argparse.Namespace) -> int:
     if recipe.views not in ("aligned", "raw", "both"):
         print("ipdfer train-expression: --views is aligned, raw or both", file=sys.stderr)
         return 2
-    torch.set_num_threads(torch.get_num_threads())
     faces = load_faces(recipe.train_sets, recipe.views, args.data_cache, args.data_root)
     print(f"{len(faces)} training faces from {', '.join(recipe.train_sets)} ({recipe.views} views), "
           f"bf16 {recipe.bf16 and cpu_has_native_bf16()}", flush=True)
