@@ -120,7 +120,7 @@ def compare_graphs(root, other: Path, folder: str, rounds: int = 3) -> None:
     largest landmark difference on the folder's images and those photos."""
     import json
 
-    from model.faces.mtcnn_onnx import FOLDER, MANIFEST, OnnxNets
+    from model.serving.mtcnn_onnx import FOLDER, MANIFEST, OnnxNets
     torch.set_num_threads(1)
     photos = [cv2.resize(load_image(f), (224, 224)) for f in sorted((root / "muxspace" / "images").glob("*.jpg"))[:64]]
     detectors = {}

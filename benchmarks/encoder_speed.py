@@ -4,7 +4,7 @@ batch 1 and 32, for each numeric precision in one run (ratios are comparable;
 absolute figures depend on what else the machine runs).
 
 The encoders are timed as served: one pass, plus the mirror pass for the faces
-whose one-pass margin is below IPDFER_MIRROR_MARGIN (model/mirror.py; none for a
+whose one-pass margin is below IPDFER_MIRROR_MARGIN (model/nets/mirror.py; none for a
 distilled student, `flip_tta` false in its config). How many faces that is
 depends on the faces, so the inputs are real face crops (`--faces`, a seeded sample aligned
 as `aligned=true` aligns them; FER2013 test crops by default), cycled through; the
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from model import mirror
-from model.encoders_int8 import calibration_faces, int8_entry, load_int8_encoders
-from model.encoders_onnx import load_onnx_encoders, onnx_entry
+from model.nets import mirror
+from model.serving.encoders_int8 import calibration_faces, int8_entry, load_int8_encoders
+from model.serving.encoders_onnx import load_onnx_encoders, onnx_entry
 from model.faces.identity import load_identity_encoder
-from model.inference import autocast_for, inference_form
+from model.serving.analyzer import autocast_for, inference_form
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ import numpy as np
 
 from model import faces as facelib
 from model.images import load_image
-from model.inference import Analyzer
+from model.serving.analyzer import Analyzer, ImageRequest
 from model.training import neutral_check as nc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,14 +68,12 @@ def main() -> None:
     renders: dict[str, np.ndarray] = {}  # the shipped model's neutral renders (--geometry)
     for v in people.values():
         paths = v["neutral"] + v["expressive"]
-        results = analyzer.analyze([load_image(root / p) for p in paths], aligned=[False] * len(paths),
-                                   max_faces=[1] * len(paths), neutral=[False] * len(paths))
+        results = analyzer.analyze([ImageRequest(load_image(root / p), max_faces=1) for p in paths]).images
         for p, r in zip(paths, results):
-            if not isinstance(r, Exception) and r:
-                crops[p] = analyzer._large(r[0].state).astype(np.float64)
+            if r.faces:
+                crops[p] = analyzer._large(r.faces[0].state).astype(np.float64)
         if args.geometry:
-            done = [(p, r[0].state) for p, r in zip(paths, results) if p in v["expressive"]
-                    and not isinstance(r, Exception) and r]
+            done = [(p, r.faces[0].state) for p, r in zip(paths, results) if p in v["expressive"] and r.faces]
             if done:
                 for (p, _), img in zip(done, analyzer._render([st for _, st in done])[0]):
                     renders[p] = img.astype(np.float64)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.inference import Analyzer
+from model.serving.analyzer import Analyzer
 from model.training.neutral_check import neutral_photo_check
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from model import mirror
+from model.nets import mirror
 from model.images import load_image
-from model.inference import Analyzer
+from model.serving.analyzer import Analyzer, ImageRequest
 from model.labels import EXPRESSIONS, canonical
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,11 +62,10 @@ def main() -> None:
         out, pose, t, m = [], [], 0.0, 0
         for s in range(0, len(images), args.batch):
             chunk = images[s:s + args.batch]
-            faces = analyzer.analyze(chunk, aligned=[True] * len(chunk), max_faces=[1] * len(chunk),
-                                     neutral=[False] * len(chunk))
-            t, m = t + analyzer.last_timings["encode_s"], m + analyzer.last_mirrored
-            out += [[face[0].probabilities[c] for c in EXPRESSIONS] for face in faces]
-            pose += [list(face[0].pose.values()) for face in faces]
+            analysis = analyzer.analyze([ImageRequest(image, aligned=True, max_faces=1) for image in chunk])
+            t, m = t + analysis.timings["encode_s"], m + analysis.mirrored
+            out += [[r.faces[0].probabilities[c] for c in EXPRESSIONS] for r in analysis.images]
+            pose += [list(r.faces[0].pose.values()) for r in analysis.images]
         probs[variant], poses[variant], seconds[variant] = np.array(out), np.array(pose), t
         mirrored[variant] = m / len(images)
     print(f"FER2013 {split}, {len(files)} images, aligned=True, batches of {args.batch}")

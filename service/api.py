@@ -19,7 +19,6 @@ from service.backend import Backend
 from service.errors import JobError
 from service.images import probe
 from service.metrics import ApiMetrics
-from service.pipeline import largest_face
 from service.schemas import (
     ErrorOut, HealthOut, NeutralizeOptions, PredictOptions, PredictOut, ReadyOut, RenderKind,
     ValidationErrorOut,
@@ -190,11 +189,11 @@ async def neutralize_image(request: Request, options: Annotated[NeutralizeOption
                            settings: SettingsDep, backend: BackendDep, metrics: MetricsDep) -> Response:
     image = await read_upload(request, settings)
     probe(image, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes, min_side=settings.min_image_side)
-    reply = await backend.analyze(image, aligned=options.aligned, max_faces=None, neutral=True)
+    reply = await backend.analyze(image, aligned=options.aligned, max_faces=1, largest=True, neutral=True)
     metrics.observe_reply(reply)
-    face = largest_face(reply["faces"])
-    if face is None or not face.get("neutral_png"):
-        raise JobError(422, "no face was found in the image")
+    if not reply["faces"]:
+        raise JobError("no_face", "no face was found in the image")
+    face = reply["faces"][0]
     return _png(base64.b64decode(face["neutral_png"]), request_id(request), **{"X-Face-Id": face["face_id"]})
 
 

@@ -5,9 +5,9 @@
   RedisBackend      REDIS_URL set: jobs go to the Redis stream (service/queue.py),
                     separate `ipdfer worker` processes answer them.
 
-Both return the worker's JSON reply (a dict with "status": 200) or raise one of
-service.errors: JobError (4xx/500 with a message), QueueFull / NoWorkers /
-Unavailable (503) or ResultTimeout (504). The API turns those into HTTP answers.
+Both return the job's reply (service/jobs.py) or raise one of service.errors:
+JobError (the reply's error kind and message), QueueFull / NoWorkers /
+Unavailable or ResultTimeout. service/errors.py maps them to HTTP statuses.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from collections import OrderedDict
 from typing import Any, Callable, Protocol
 
 from service.batching import BatchPolicy, InProcessBatcher
-from service.errors import DeadLettered, JobError, NoWorkers, ResultTimeout, Unavailable
-from service.pipeline import OP_ANALYZE, OP_RENDER, Job, Outcome, job_cost
+from service.errors import JobError, NoWorkers, ResultTimeout, Unavailable
+from service.jobs import OP_ANALYZE, OP_RENDER, Job, Outcome, job_cost
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,18 +30,16 @@ class Backend(Protocol):
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None,
-                      neutral: bool) -> dict[str, Any]: ...
+    async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None, neutral: bool,
+                      largest: bool = False) -> dict[str, Any]: ...
     async def render(self, face_id: str, kind: str) -> dict[str, Any]: ...
     async def readiness(self) -> dict[str, Any]: ...
     async def stats(self) -> dict[str, int | None]: ...
 
 
 def _check(reply: dict[str, Any]) -> dict[str, Any]:
-    if reply.get("dead_letter"):
-        raise DeadLettered(str(reply.get("detail", "job dead-lettered")))
-    if reply.get("status") != 200:
-        raise JobError(int(reply.get("status", 500)), str(reply.get("detail", "job failed")))
+    if "error" in reply:
+        raise JobError(reply["error"], str(reply.get("detail", "job failed")))
     return reply
 
 
@@ -144,19 +142,19 @@ class InProcessBackend:
             raise ResultTimeout(f"no result within {self.settings.request_timeout_s:g} s") from None
         except Exception as e:  # noqa: BLE001 - an unexpected model error of this job
             log.exception("job failed")
-            raise JobError(500, f"processing failed: {type(e).__name__}: {e}") from e
+            raise JobError("failed", f"processing failed: {type(e).__name__}: {e}") from e
         self.faces.put_many(outcome.faces)
         return _check(outcome.reply)
 
-    async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None,
-                      neutral: bool) -> dict[str, Any]:
+    async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None, neutral: bool,
+                      largest: bool = False) -> dict[str, Any]:
         return await self._call(Job(op=OP_ANALYZE, image=image, aligned=aligned, max_faces=max_faces,
-                                    neutral=neutral, enqueued=time.time()))
+                                    largest=largest, neutral=neutral, enqueued=time.time()))
 
     async def render(self, face_id: str, kind: str) -> dict[str, Any]:
         state = self.faces.get(face_id)
         if state is None:
-            raise JobError(404, "unknown or expired face_id")
+            raise JobError("unknown_face", "unknown or expired face_id")
         return await self._call(Job(op=OP_RENDER, state=state, kind=kind, enqueued=time.time()))
 
     async def readiness(self) -> dict[str, Any]:
@@ -193,10 +191,10 @@ class RedisBackend:
             raise Unavailable(f"the job queue (Redis) is unavailable: {e}") from e
         return _check(reply)
 
-    async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None,
-                      neutral: bool) -> dict[str, Any]:
+    async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None, neutral: bool,
+                      largest: bool = False) -> dict[str, Any]:
         return await self._submit({"op": OP_ANALYZE, "aligned": aligned, "max_faces": max_faces,
-                                   "neutral": neutral}, image)
+                                   "largest": largest, "neutral": neutral}, image)
 
     async def render(self, face_id: str, kind: str) -> dict[str, Any]:
         from redis.exceptions import RedisError
@@ -205,7 +203,7 @@ class RedisBackend:
         except RedisError as e:
             raise Unavailable(f"the job queue (Redis) is unavailable: {e}") from e
         if not known:
-            raise JobError(404, "unknown or expired face_id")
+            raise JobError("unknown_face", "unknown or expired face_id")
         return await self._submit({"op": OP_RENDER, "face_id": face_id, "kind": kind})
 
     async def readiness(self) -> dict[str, Any]:

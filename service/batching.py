@@ -22,9 +22,10 @@ Shape of the loop (after Ray Serve's batching.py):
      after the rest of the batch, each in a call of its own, and the cheap items'
      results go out first: one costly job never holds its batch mates.
 
-`next_batch` works on any `BatchSource`; `InProcessBatcher` is the asyncio-queue
-source + futures used by `ipdfer serve` without Redis; the Redis worker feeds
-`next_batch` from the stream (service/worker.py).
+`BatchLoop` is that loop, once: a source, a batch function, a policy and a sink.
+`InProcessBatcher` runs it over an asyncio queue with one future per item
+(`ipdfer serve` without Redis); the Redis worker runs it over the stream
+(service/worker.py).
 """
 from __future__ import annotations
 
@@ -152,6 +153,63 @@ def call_batch(fn: Callable[[list[T]], Sequence[R | BaseException]], items: list
     return results
 
 
+class BatchLoop(Generic[T, R]):
+    """One batch loop: take a batch from `source` (`next_batch` under `policy`),
+    `prepare` it (drop what needs no answer, turn items into the batch function's
+    inputs), run `fn` in `executor` (never on the event loop, never concurrently
+    with itself), costly items alone after the rest (`split_by_cost`), and give
+    each call's items and results to `sink` as soon as that call is done.
+
+    `share(taken)`: the most items this loop should hold (`fair_share`);
+    `held`: the items in its hands now (what other loops count as outstanding);
+    `on_batch(size, seconds)`: a metrics hook; `abandon(items)`: called with a
+    call's items when the loop is cancelled while it runs (shutdown)."""
+
+    def __init__(self, source: BatchSource, fn: Callable[[list[T]], Sequence[R | BaseException]],
+                 policy: BatchPolicy, sink: Callable[[list[Any], list[R | BaseException]], Awaitable[None]], *,
+                 executor: concurrent.futures.Executor, prepare: Callable[[list[Any]], Awaitable[tuple[list, list[T]]]]
+                 | None = None, arrival: Callable[[Any], float] | None = None,
+                 share: Callable[[int], Awaitable[int]] | None = None, idle_timeout: float | None = None,
+                 on_batch: Callable[[int, float], Any] | None = None,
+                 abandon: Callable[[list[Any]], None] | None = None) -> None:
+        self.source, self.fn, self.policy, self.sink = source, fn, policy, sink
+        self.executor, self.prepare, self.arrival, self.share = executor, prepare, arrival, share
+        self.idle_timeout, self.on_batch, self.abandon = idle_timeout, on_batch, abandon
+        self.held = 0
+        self._last_size = 0   # the batching rule waits for company only under load (next_batch's busy)
+
+    async def run_once(self, batch: list | None = None) -> int:
+        """One batch: `batch` when given (e.g. jobs reclaimed from dead workers),
+        else the next from the source. Returns its size (0: nothing came)."""
+        if batch is None:
+            batch = await next_batch(self.source, self.policy, idle_timeout=self.idle_timeout,
+                                     arrival=self.arrival, busy=self._last_size > 1, share=self.share)
+            if batch:
+                self._last_size = len(batch)
+        if not batch:
+            return 0
+        items, inputs = await self.prepare(batch) if self.prepare else (batch, batch)
+        self.held = len(items)
+        try:
+            for part in split_by_cost(self.policy, inputs):
+                await self._call([items[i] for i in part], [inputs[i] for i in part])
+        finally:
+            self.held = 0
+        return len(batch)
+
+    async def _call(self, items: list, inputs: list[T]) -> None:
+        t0 = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, call_batch, self.fn, inputs)
+        except asyncio.CancelledError:
+            if self.abandon:
+                self.abandon(items)
+            raise
+        if self.on_batch:
+            self.on_batch(len(inputs), time.perf_counter() - t0)
+        await self.sink(items, results)
+
+
 # --- in-process mode ----------------------------------------------------------------
 
 @dataclass
@@ -197,7 +255,7 @@ class InProcessBatcher(Generic[T, R]):
         self.on_batch = on_batch  # (batch size, seconds in the batch function): metrics hook
         self._tasks: list[asyncio.Task] = []
         self._pools: list[concurrent.futures.ThreadPoolExecutor] = []
-        self._held: list[int] = []   # items in each loop's hands (batch being run)
+        self._loops: list[BatchLoop] = []
 
     def start(self, fns: Sequence[Callable[[list[T]], Sequence[R | BaseException]]]) -> None:
         """Start one batch loop per function (call from the event loop)."""
@@ -205,8 +263,11 @@ class InProcessBatcher(Generic[T, R]):
         for i, fn in enumerate(fns):
             pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"batch-{i}")
             self._pools.append(pool)
-            self._held.append(0)
-            self._tasks.append(loop.create_task(self._run(i, fn, pool), name=f"batch-loop-{i}"))
+            batch_loop: BatchLoop[T, R] = BatchLoop(
+                QueueSource(self.queue), fn, self.policy, self._answer, executor=pool, prepare=self._live,
+                arrival=lambda p: p.arrived, share=self._share, on_batch=self.on_batch, abandon=self._abandon)
+            self._loops.append(batch_loop)
+            self._tasks.append(loop.create_task(self._run(batch_loop), name=f"batch-loop-{i}"))
 
     @property
     def running(self) -> bool:
@@ -225,40 +286,16 @@ class InProcessBatcher(Generic[T, R]):
         return fut
 
     async def _share(self, taken: int) -> int:
-        outstanding = self.queue.qsize() + taken + sum(self._held)
-        return fair_share(outstanding, len(self._tasks), self.policy.max_batch_size)
+        outstanding = self.queue.qsize() + taken + sum(loop.held for loop in self._loops)
+        return fair_share(outstanding, len(self._loops), self.policy.max_batch_size)
 
-    async def _run(self, index: int, fn: Callable[[list[T]], Sequence[R | BaseException]],
-                   pool: concurrent.futures.ThreadPoolExecutor) -> None:
-        source: QueueSource[_Pending[T]] = QueueSource(self.queue)
-        last_size = 0
-        while True:
-            batch = await next_batch(source, self.policy, arrival=lambda p: p.arrived, busy=last_size > 1,
-                                     share=self._share)
-            last_size = len(batch)
-            batch = [p for p in batch if not p.future.done()]  # client gone (timeout, disconnect)
-            if not batch:
-                continue
-            self._held[index] = len(batch)
-            try:
-                for part in split_by_cost(self.policy, [p.item for p in batch]):
-                    await self._call(fn, pool, [batch[i] for i in part])
-            finally:
-                self._held[index] = 0
+    @staticmethod
+    async def _live(batch: list[_Pending[T]]) -> tuple[list[_Pending[T]], list[T]]:
+        live = [p for p in batch if not p.future.done()]  # client gone (timeout, disconnect)
+        return live, [p.item for p in live]
 
-    async def _call(self, fn: Callable[[list[T]], Sequence[R | BaseException]],
-                    pool: concurrent.futures.ThreadPoolExecutor, batch: list[_Pending[T]]) -> None:
-        t0 = time.perf_counter()
-        try:
-            results = await asyncio.get_running_loop().run_in_executor(pool, call_batch, fn,
-                                                                       [p.item for p in batch])
-        except asyncio.CancelledError:
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(RuntimeError("service shutting down"))
-            raise
-        if self.on_batch:
-            self.on_batch(len(batch), time.perf_counter() - t0)
+    @staticmethod
+    async def _answer(batch: list[_Pending[T]], results: list[R | BaseException]) -> None:
         for p, r in zip(batch, results):
             if p.future.done():
                 continue
@@ -266,6 +303,17 @@ class InProcessBatcher(Generic[T, R]):
                 p.future.set_exception(r)
             else:
                 p.future.set_result(r)
+
+    @staticmethod
+    def _abandon(batch: list[_Pending[T]]) -> None:
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("service shutting down"))
+
+    @staticmethod
+    async def _run(batch_loop: BatchLoop) -> None:
+        while True:
+            await batch_loop.run_once()
 
     async def stop(self) -> None:
         """Cancel the loops (a batch in its thread finishes), fail what still waits."""
@@ -276,7 +324,7 @@ class InProcessBatcher(Generic[T, R]):
                 await t
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
-        self._tasks, self._held = [], []
+        self._tasks, self._loops = [], []
         while not self.queue.empty():
             p = self.queue.get_nowait()
             if not p.future.done():

@@ -14,7 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-expression": ("model.training.expression", "train the expression encoder alone, long and resumable"),
     "evaluate": ("model.training.evaluate", "evaluate weights on a split, write a report"),
     "export": ("model.training.export", "export a checkpoint to weights/ with a manifest"),
-    "export-onnx": ("model.export_onnx", "export the served encoders of weights/ and MTCNN's networks (weights/mtcnn/) as ONNX graphs"),
+    "export-onnx": ("model.serving.export", "export the served encoders of weights/ and MTCNN's networks (weights/mtcnn/) as ONNX graphs"),
     "serve": ("service.server", "run the HTTP API (in-process queue without REDIS_URL)"),
     "worker": ("service.worker", "run a batching model worker on the Redis queue"),
     "predict": ("service.predict", "run the pipeline on files without a server (JSON lines)"),

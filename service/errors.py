@@ -1,6 +1,11 @@
-"""Failures the service distinguishes. Raised anywhere in service/; turned into
-HTTP answers only at the edge (service/api.py)."""
+"""Failures the service distinguishes, and the one place they become HTTP
+statuses (`http_status`; service/server.py's handlers answer with it).
+
+A job's failure travels as an error kind (service/jobs.py) and is raised here as
+`JobError(kind, detail)`; the others are the queue's and the transport's."""
 from __future__ import annotations
+
+from service.jobs import ERROR_KINDS
 
 
 class QueueFull(Exception):
@@ -15,23 +20,36 @@ class ResultTimeout(Exception):
     """A job's result did not arrive in time: 504."""
 
 
-class JobError(Exception):
-    """A job that failed with a definite HTTP status (4xx for bad input, 404 for an
-    unknown face, 500 for a dead-lettered job)."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
-class DeadLettered(JobError):
-    """A job that failed on every delivery and went to the dead-letter stream: 500.
-    The queue marks its reply (`"dead_letter": true`); nobody matches message text."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(500, detail)
-
-
 class Unavailable(Exception):
     """A dependency (Redis) cannot be reached: 503 with Retry-After, at once."""
+
+
+class JobError(Exception):
+    """A job that failed for a reason the client is told: its error kind
+    (service/jobs.py ERROR_KINDS) and a message."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {kind!r}")
+        super().__init__(detail)
+        self.kind, self.detail = kind, detail
+
+
+JOB_ERROR_STATUS = {
+    "bad_image": 400, "unsupported_image": 415, "image_too_large": 413, "image_too_small": 422,
+    "no_face": 422, "unknown_face": 404, "bad_job": 422, "expired": 504, "dead_letter": 500, "failed": 500,
+}
+assert set(JOB_ERROR_STATUS) == set(ERROR_KINDS)
+
+RETRY_LATER = (QueueFull, NoWorkers, Unavailable)   # 503 with Retry-After
+
+
+def http_status(exc: Exception) -> int:
+    """The HTTP status that answers `exc` (500 for anything unforeseen)."""
+    if isinstance(exc, JobError):
+        return JOB_ERROR_STATUS[exc.kind]
+    if isinstance(exc, RETRY_LATER):
+        return 503
+    if isinstance(exc, ResultTimeout):
+        return 504
+    return 500

@@ -2,8 +2,8 @@
 
 Files are batched (--batch-size) through the same Pipeline the workers run and one
 JSON object per file is printed (JSON lines), with the API's face schema plus
-"file". A file that cannot be read or decoded gets {"file", "status", "error"}
-instead; the run goes on. Exit code 0, or 1 when every file failed.
+"file". A file that cannot be read or decoded gets {"file", "error", "detail"}
+(service/jobs.py's error kinds) instead; the run goes on. Exit code 0, or 1 when every file failed.
 
     ipdfer predict photos/*.jpg --neutral-dir out/   # neutral faces as PNG files
 """
@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-from service.pipeline import OP_ANALYZE, Job, Pipeline
+from service.jobs import OP_ANALYZE, Job
+from service.pipeline import Pipeline
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def predict_files(pipeline: Any, files: list[Path], *, aligned: bool = False, ma
             try:
                 data = path.read_bytes()
             except OSError as e:
-                lines[k] = {"file": str(path), "status": 400, "error": f"cannot read file: {e.strerror or e}"}
+                lines[k] = {"file": str(path), "error": "bad_image", "detail": f"cannot read file: {e.strerror or e}"}
                 continue
             jobs.append((k, Job(op=OP_ANALYZE, image=data, aligned=aligned, max_faces=max_faces,
                                 neutral=neutral_dir is not None)))
@@ -61,11 +62,11 @@ def predict_files(pipeline: Any, files: list[Path], *, aligned: bool = False, ma
         for (k, _), res in zip(jobs, results):
             path = batch[k]
             if isinstance(res, BaseException):
-                lines[k] = {"file": str(path), "status": 500, "error": f"{type(res).__name__}: {res}"}
+                lines[k] = {"file": str(path), "error": "failed", "detail": f"{type(res).__name__}: {res}"}
                 continue
             reply = res.reply
-            if reply.get("status") != 200:
-                lines[k] = {"file": str(path), "status": reply.get("status"), "error": reply.get("detail")}
+            if "error" in reply:
+                lines[k] = {"file": str(path), "error": reply["error"], "detail": reply["detail"]}
                 continue
             for n, face in enumerate(reply["faces"]):
                 png = face.pop("neutral_png", None)

@@ -42,6 +42,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from service.errors import NoWorkers, QueueFull, ResultTimeout
+from service.jobs import error_reply
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,7 @@ class RedisQueue:
         return out
 
     async def dead_letter(self, job: QueuedJob, reason: str) -> bool:
-        reply = json.dumps({"status": 500, "detail": f"job dead-lettered: {reason}", "dead_letter": True})
+        reply = json.dumps(error_reply("dead_letter", f"job dead-lettered: {reason}"))
         done = await self._dead_letter(
             keys=[self.stream, self.dead, self._key("answered", job.id), self._key("result", job.id)],
             args=[GROUP, job.entry, reply, self.result_ttl_s, self.dead_letter_maxlen,

@@ -16,8 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.images import PHOTO_MIN_FACE_SIZE
-from model.onnx_runtime import RUNTIMES
-from model.precisions import PRECISIONS
+from model.serving.plan import PRECISIONS, RUNTIMES
 
 
 class Settings(BaseSettings):
@@ -171,6 +170,12 @@ class Settings(BaseSettings):
         loops = self.workers_inprocess or (1 if cuda else min(cores, 4))
         threads = self.torch_threads or (None if cuda else max(1, cores // loops))
         return loops, threads
+
+    def plan_options(self) -> dict[str, Any]:
+        """What `ServingPlan.resolve` takes from the settings (threads: torch's count,
+        set by the caller before the model loads)."""
+        return {"device": self.device, "precision": self.precision, "runtime": self.runtime,
+                "flip_tta": self.flip_tta, "mirror_margin": self.mirror_margin}
 
     @property
     def face_cache_max_bytes(self) -> int:

@@ -25,9 +25,9 @@ from typing import Any, Callable
 
 from redis.exceptions import RedisError
 
-from service.batching import BatchPolicy, call_batch, fair_share, next_batch, split_by_cost
+from service.batching import BatchLoop, BatchPolicy, fair_share
 from service.metrics import WorkerMetrics
-from service.pipeline import OP_RENDER, Job, Outcome, job_cost
+from service.jobs import OP_RENDER, Job, Outcome, error_reply, job_cost
 from service.queue import QueuedJob, RedisQueue
 from service.settings import Settings
 
@@ -60,20 +60,16 @@ class Worker:
 
     async def run(self) -> None:
         beat = asyncio.get_running_loop().create_task(self._heartbeat())
-        source = RedisSource(self.queue, self.name)
+        loop: BatchLoop[Job, Outcome] = BatchLoop(
+            RedisSource(self.queue, self.name), self.process, self.policy, self._finish_all, executor=self._pool,
+            prepare=self._prepare, arrival=lambda j: j.received, share=self._share, idle_timeout=1.0,
+            on_batch=self._observe)
         backoff = 0.1
-        last_size = 0   # the batching rule waits for company only under load (service/batching.py)
         try:
             while not self.stop.is_set():
-                try:
-                    jobs = await self.queue.reclaim(self.name, self.policy.max_batch_size)
-                    if not jobs:
-                        jobs = await next_batch(source, self.policy, idle_timeout=1.0,
-                                                arrival=lambda j: j.received, busy=last_size > 1,
-                                                share=self._share)
-                        last_size = len(jobs) if jobs else last_size
-                    if jobs:
-                        await self.handle(jobs)
+                try:  # jobs of dead workers first (XAUTOCLAIM), else new ones
+                    reclaimed = await self.queue.reclaim(self.name, self.policy.max_batch_size)
+                    await loop.run_once(reclaimed or None)
                     backoff = 0.1
                 except RedisError as e:
                     log.warning("Redis error (%s); retrying in %.1f s", e, backoff)
@@ -108,28 +104,26 @@ class Worker:
                 log.debug("heartbeat failed: %s", e)
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
-    async def handle(self, jobs: list[QueuedJob]) -> None:
-        """Process one batch: answer expired jobs 504, run the rest, answer/ack each."""
+    async def _prepare(self, jobs: list[QueuedJob]) -> tuple[list[QueuedJob], list[Job]]:
+        """Answer expired jobs (504), load the face states the renders need."""
         now, live = time.time(), []
         for job in jobs:
             if job.meta.get("deadline") and job.meta["deadline"] < now:
-                await self.queue.complete(job, {"status": 504, "detail": "the job expired in the queue"})
+                await self.queue.complete(job, error_reply("expired", "the job expired in the queue"))
                 self.metrics.jobs.labels("expired").inc()
             else:
                 live.append(job)
-        if not live:
-            return
         face_ids = [j.meta["face_id"] for j in live if j.meta.get("op") == OP_RENDER and j.meta.get("face_id")]
         states = await self.queue.load_faces(face_ids)
-        tasks = [Job.from_meta(j.meta, j.image, states.get(j.meta.get("face_id", ""))) for j in live]
-        for part in split_by_cost(self.policy, tasks):  # costly photos alone, after the rest
-            t0 = time.perf_counter()
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._pool, call_batch, self.process, [tasks[i] for i in part])
-            self.metrics.batch_size.observe(len(part))
-            self.metrics.batch_seconds.observe(time.perf_counter() - t0)
-            self.batches += 1
-            await asyncio.gather(*(self._finish(live[i], r) for i, r in zip(part, results)))
+        return live, [Job.from_meta(j.meta, j.image, states.get(j.meta.get("face_id", ""))) for j in live]
+
+    def _observe(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.batch_seconds.observe(seconds)
+        self.batches += 1
+
+    async def _finish_all(self, jobs: list[QueuedJob], results: list[Outcome | BaseException]) -> None:
+        await asyncio.gather(*(self._finish(job, r) for job, r in zip(jobs, results)))
 
     async def _finish(self, job: QueuedJob, result: Outcome | BaseException) -> None:
         if isinstance(result, BaseException):

@@ -8,7 +8,7 @@ import torch
 
 from model import faces as facelib
 from model.config import LossWeights, ModelConfig
-from model.inference import FaceState
+from model.serving.face_state import FaceState
 from model.nets.losses import GeneratorObjective
 from model.nets.networks import IPDFER, NeutralEditor
 from tests.test_losses import batch_of

@@ -9,14 +9,14 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
 
-from model import encoders_int8
-from model.encoders_int8 import INT8_FILE, export_int8, float_nodes, int8_entry
-from model.encoders_onnx import ONNX_FILE, onnx_entry
+from model.serving import encoders_int8
+from model.serving.encoders_int8 import INT8_FILE, export_int8, float_nodes, int8_entry
+from model.serving.encoders_onnx import ONNX_FILE, onnx_entry
 from model.fileio import sha256_file
 from model.images import load_image
-from model.inference import Analyzer, resolve_precision, resolve_runtime
+from model.serving.analyzer import Analyzer, ImageRequest
+from model.serving.plan import resolve_encoder_runtime, resolve_precision
 from model.weights import DEFAULT_WEIGHTS_DIR, MANIFEST, load_weights
 
 
@@ -32,7 +32,7 @@ def test_the_committed_int8_graph_was_made_from_the_committed_fp32_graph():
     assert entry["float_graph_sha256"] == onnx_entry(weights)["sha256"]
     assert sha256_file(DEFAULT_WEIGHTS_DIR / INT8_FILE) == entry["sha256"]
     assert entry["check"]["top_label_agreement"] >= encoders_int8.MIN_AGREEMENT
-    assert resolve_precision(torch.device("cpu")) == "fp32"   # int8 is asked for, never the default
+    assert resolve_precision("cpu") == "fp32"   # int8 is asked for, never the default
 
 
 def test_int8_stays_close_to_fp32_on_real_faces_and_is_really_quantized(shared_dir):
@@ -42,9 +42,9 @@ def test_int8_stays_close_to_fp32_on_real_faces_and_is_really_quantized(shared_d
     int8 = Analyzer.load(device="cpu", precision="int8")
     fp32 = Analyzer.load(device="cpu", precision="fp32")
     assert int8.info["precision"] == "int8" and int8.info["runtime"] == "onnxruntime"
-    args = ([True] * 48, [1] * 48, [False] * 48)
-    a = [faces[0] for faces in int8.analyze(images, *args)]
-    b = [faces[0] for faces in fp32.analyze(images, *args)]
+    requests = [ImageRequest(image, aligned=True, max_faces=1) for image in images]
+    a = [r.faces[0] for r in int8.analyze(requests).images]
+    b = [r.faces[0] for r in fp32.analyze(requests).images]
     same = np.mean([fa.label == fb.label for fa, fb in zip(a, b)])
     dp = np.array([[fa.probabilities[k] - fb.probabilities[k] for k in fa.probabilities] for fa, fb in zip(a, b)])
     dpose = np.array([[fa.pose[k] - fb.pose[k] for k in fa.pose] for fa, fb in zip(a, b)])
@@ -60,9 +60,9 @@ def test_int8_renders_start_from_fp32_codes(shared_dir):
     images = [load_image(f) for f in files]
     int8 = Analyzer.load(device="cpu", precision="int8")
     fp32 = Analyzer.load(device="cpu", precision="fp32", runtime="torch")
-    args = ([True] * 6, [1] * 6, [True] * 6)
-    a = [faces[0] for faces in int8.analyze(images, *args)]
-    b = [faces[0] for faces in fp32.analyze(images, *args)]
+    requests = [ImageRequest(image, aligned=True, max_faces=1, neutral=True) for image in images]
+    a = [r.faces[0] for r in int8.analyze(requests).images]
+    b = [r.faces[0] for r in fp32.analyze(requests).images]
     assert [f.neutral_png for f in a] == int8.render([f.state for f in a])
     assert [f.neutral_png for f in a] == [f.neutral_png for f in b]
 
@@ -70,17 +70,17 @@ def test_int8_renders_start_from_fp32_codes(shared_dir):
 def test_int8_is_refused_where_it_cannot_run(tmp_path):
     weights = load_weights(DEFAULT_WEIGHTS_DIR)
     with pytest.raises(ValueError, match="CPU only"):
-        resolve_precision(torch.device("cuda"), "int8")
+        resolve_precision("cuda", "int8")
     with pytest.raises(ValueError, match="int8 is the encoders' graph"):
-        resolve_runtime(weights, torch.device("cpu"), "int8", "torch")
+        resolve_encoder_runtime(weights, "cpu", "int8", "torch")
     # the graph is one pass: with or without the mirror pass, int8 runs it
     other = Analyzer.load(device="cpu", precision="int8", flip_tta=not weights.config.flip_tta)
-    assert other.runtime == "onnxruntime" and other.flip_tta is not weights.config.flip_tta
+    assert other.plan.encoder_runtime == "onnxruntime" and (other.plan.mirror_margin > 0) is not weights.config.flip_tta
     copy_weights(tmp_path, names=("ipdfer.pt", MANIFEST, ONNX_FILE))   # no int8 graph beside them
     with pytest.raises(FileNotFoundError, match="encoders.int8.onnx is missing beside the weights: run ipdfer "
                                                 "export-onnx --int8-calibration"):
         Analyzer.load(tmp_path, device="cpu", precision="int8")
-    assert Analyzer.load(tmp_path, device="cpu").precision == "fp32"
+    assert Analyzer.load(tmp_path, device="cpu").plan.precision == "fp32"
     (tmp_path / ONNX_FILE).unlink()   # nothing to quantize: the fp32 export comes first
     with pytest.raises(FileNotFoundError, match="run ipdfer export-onnx, then"):
         Analyzer.load(tmp_path, device="cpu", precision="int8")
@@ -127,7 +127,7 @@ def test_export_int8_calibrates_checks_and_records(tmp_path, shared_dir, monkeyp
     assert manifest["onnx_int8"] == entry and entry["calibration"]["faces"] == 32
     assert entry["sha256"] == sha256_file(tmp_path / INT8_FILE)
     assert entry["check"]["faces"] == 64 and entry["check"]["top_label_agreement"] >= 0.85
-    assert Analyzer.load(tmp_path, device="cpu", precision="int8").runtime == "onnxruntime"
+    assert Analyzer.load(tmp_path, device="cpu", precision="int8").plan.encoder_runtime == "onnxruntime"
     # a graph that fails the check never replaces the one there
     monkeypatch.setattr(encoders_int8, "MIN_AGREEMENT", 1.01)
     with pytest.raises(RuntimeError, match="not kept"):

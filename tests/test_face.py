@@ -533,13 +533,13 @@ def test_bounded_mtcnn_equals_facenet_pytorch_below_its_bounds(detector, muxspac
     from facenet_pytorch import MTCNN
 
     from model.faces.mtcnn import TorchNets, _ChannelsLastPool, detect_faces
-    from model.faces.mtcnn_onnx import select_nets
+    from model.serving.mtcnn_onnx import OnnxNets, read_manifest
     # ours runs channels-last in PyTorch, or in ONNX Runtime (the served default on
     # the CPU); the reference is facenet-pytorch's own, untouched
     assert isinstance(detector.mtcnn.pnet.pool1, _ChannelsLastPool)
     reference = MTCNN(keep_all=True, min_face_size=detector.min_face_size)
     for batch, nets in itertools.product((_muxspace_batch(muxspace, 8), astronaut[None]),
-                                         (TorchNets(detector.mtcnn), select_nets(detector.mtcnn, "onnxruntime"))):
+                                         (TorchNets(detector.mtcnn), OnnxNets(read_manifest()))):
         with torch.inference_mode():
             ours = detect_faces(batch, detector.mtcnn, nets=nets)
             boxes, probs, points = reference.detect(batch, landmarks=True)
@@ -631,7 +631,7 @@ def test_a_photo_of_hundreds_of_faces_costs_a_bounded_detection(muxspace):
     canvas = Image.new("RGB", (1276, 1276), (128, 128, 128))
     for k in range(29 * 29):
         canvas.paste(faces[k % len(faces)], ((k % 29) * 44, (k // 29) * 44))
-    detector = FaceDetector(max_candidates=400, max_refine=100, runtime="torch")  # counted in PyTorch's networks
+    detector = FaceDetector(max_candidates=400, max_refine=100)  # counted in PyTorch's networks (the default)
     seen = {"rnet": 0, "onet": 0}
     for name in seen:
         net = getattr(detector.mtcnn, name)

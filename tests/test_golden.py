@@ -50,20 +50,20 @@ def test_shipped_weights_match_golden_predictions(shared_dir, weights):
     switch: test_bf16_predictions_stay_close_to_the_fp32_golden_ones)."""
     import torch
 
-    from model.inference import Analyzer
+    from model.serving.analyzer import Analyzer, ImageRequest
     root = data_dir(shared_dir)
     golden = json.loads(GOLDEN.read_text())[weights]
     torch.set_num_threads(1)
     analyzer = Analyzer.load(REPO / weights, device="cpu", precision="fp32")
     items = _images(golden)
     arrays = [np.asarray(Image.open(root / rel).convert("RGB")) for _, _, rel in items]
-    results = analyzer.analyze(arrays, aligned=[a for _, a, _ in items], max_faces=[None] * len(items),
-                               neutral=[True] * len(items))
-    for (key, _, _), faces in zip(items, results):
+    results = analyzer.analyze([ImageRequest(array, aligned=a, neutral=True)
+                                for array, (_, a, _) in zip(arrays, items)]).images
+    for (key, _, _), result in zip(items, results):
         want = golden[key]
-        assert not isinstance(faces, Exception), (key, faces)
-        assert faces.detected == want["detected"] and len(faces) == len(want["faces"]), key
-        for face, exp in zip(faces, want["faces"]):
+        assert result.error is None, (key, result.error)
+        assert result.detected == want["detected"] and len(result.faces) == len(want["faces"]), key
+        for face, exp in zip(result.faces, want["faces"]):
             got = face.to_dict()
             assert got["expression"]["label"] == exp["expression"]["label"], key
             for name, p in exp["expression"]["probabilities"].items():
@@ -102,11 +102,12 @@ def test_bf16_predictions_stay_close_to_the_fp32_golden_ones(shared_dir):
     without native bf16 (AVX2-only machines) the switch must be refused instead."""
     import torch
 
-    from model.inference import Analyzer, resolve_precision
+    from model.serving.analyzer import Analyzer, ImageRequest
+    from model.serving.plan import resolve_precision
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert resolve_precision(torch.device("cpu")) == "fp32"   # the CPU default
+        assert resolve_precision("cpu") == "fp32"   # the CPU default
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             # where bf16 would be emulated (slow, and not what was measured), asking
             # for it is refused with the reason, not silently served in fp32
@@ -117,14 +118,13 @@ def test_bf16_predictions_stay_close_to_the_fp32_golden_ones(shared_dir):
         items = _images(golden)
         arrays = [np.asarray(Image.open(data_dir(shared_dir) / rel).convert("RGB")) for _, _, rel in items]
         analyzer = Analyzer.load(REPO / "weights", device="cpu", precision="bf16")
-        assert analyzer.precision == "bf16"
+        assert analyzer.plan.precision == "bf16"
     finally:
         torch.set_num_threads(threads)
-    results = analyzer.analyze(arrays, aligned=[a for _, a, _ in items], max_faces=[None] * len(items),
-                               neutral=[False] * len(items))
+    results = analyzer.analyze([ImageRequest(array, aligned=a) for array, (_, a, _) in zip(arrays, items)]).images
     same, worst = 0, 0.0
-    for (key, _, _), faces in zip(items, results):
-        for face, exp in zip(faces, golden[key]["faces"]):
+    for (key, _, _), result in zip(items, results):
+        for face, exp in zip(result.faces, golden[key]["faces"]):
             got = face.to_dict()["expression"]
             same += got["label"] == exp["expression"]["label"]
             worst = max(worst, max(abs(got["probabilities"][k] - v)

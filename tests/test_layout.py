@@ -102,3 +102,34 @@ def test_long_modules_say_why_at_their_top():
             if text.count("\n") > MAX_LINES:
                 doc = ast.get_docstring(ast.parse(text)) or ""
                 assert "Long module:" in doc, f"{path.relative_to(REPO)}: {text.count(chr(10))} lines, no reason"
+
+
+def imported_names(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.append(node.module or "")
+    return names
+
+
+def test_onnx_runtime_is_opened_only_inside_the_serving_package():
+    """Which runtime runs what is the serving plan's decision (model/serving/plan.py);
+    a module elsewhere opening graphs would be a second place deciding it."""
+    for pkg in PACKAGES:
+        for path in (REPO / pkg).rglob("*.py"):
+            inside = path.is_relative_to(REPO / "model" / "serving")
+            for name in imported_names(path):
+                if name.split(".")[0] == "onnxruntime":
+                    assert inside, f"{path.relative_to(REPO)} imports {name}"
+
+
+def test_the_service_reaches_the_model_through_its_serving_package():
+    """service/ uses model.serving (the engine), the torch-free image decoder and the
+    label names; never the networks, training or data code."""
+    allowed = ("model.serving", "model.images", "model.labels")
+    for path in (REPO / "service").rglob("*.py"):
+        for name in imported_names(path):
+            if name.split(".")[0] == "model":
+                assert name.startswith(allowed), f"{path.relative_to(REPO)} imports {name}"

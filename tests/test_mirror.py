@@ -1,5 +1,5 @@
 """The mirror pass runs only for the faces whose one-pass margin is below
-IPDFER_MIRROR_MARGIN (model/mirror.py): those get exactly the full mirror
+IPDFER_MIRROR_MARGIN (model/nets/mirror.py): those get exactly the full mirror
 average, the others exactly their one-pass probabilities, and the two ends of
 the setting are "every face" and "none". Its accuracy on all of FER2013:
 benchmarks/precision_accuracy.py --precisions fp32@1,fp32."""
@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from model import faces as facelib
-from model import mirror
-from model.inference import Analyzer
+from model.nets import mirror
+from model.serving.analyzer import Analyzer, ImageRequest
 from service.settings import Settings
 from tests.data_samples import astronaut_face_crops
 
@@ -34,9 +34,12 @@ def analyzer(request):
 
 
 def full_average(analyzer, aligned):
+    """Written out here, not through mirror.py: the face's and its mirror image's
+    probabilities, averaged."""
     x = facelib.to_model_input(np.stack(aligned))
     with torch.inference_mode():
-        return analyzer.model.encode(x, flip_tta=True)
+        face, flipped = analyzer.model.encode(x), analyzer.model.encode(x.flip(3))
+    return {**face, "probs": (face["probs"] + flipped["probs"]) / 2}
 
 
 def test_margin_one_is_the_full_mirror_average_and_zero_is_one_pass(analyzer, faces):
@@ -70,26 +73,22 @@ def test_only_the_unsure_faces_get_the_mirror_average(analyzer, faces):
 def test_the_served_default_mirrors_some_faces_not_all(faces):
     images, _ = faces
     analyzer = Analyzer.load(device="cpu")
-    assert analyzer.mirror_margin == mirror.DEFAULT_MARGIN == Settings(redis_url=None).mirror_margin
+    assert analyzer.plan.mirror_margin == mirror.DEFAULT_MARGIN == Settings(redis_url=None).mirror_margin
     assert analyzer.info["mirror_margin"] == mirror.DEFAULT_MARGIN
-    results = analyzer.analyze(images, [True] * 48, [1] * 48, [False] * 48)
-    assert all(len(r) == 1 for r in results)
-    assert 0 < analyzer.last_mirrored < 48, analyzer.last_mirrored
+    crops = lambda batch: [ImageRequest(image, aligned=True, max_faces=1) for image in batch]  # noqa: E731
+    analysis = analyzer.analyze(crops(images))
+    assert all(len(r.faces) == 1 for r in analysis.images)
+    assert 0 < analysis.mirrored < 48, analysis.mirrored
     # the same faces one at a time: the gate is per face, not per batch
-    singles = 0
-    for image in images[:12]:
-        analyzer.analyze([image], [True], [1], [False])
-        singles += analyzer.last_mirrored
-    analyzer.analyze(images[:12], [True] * 12, [1] * 12, [False] * 12)
-    assert singles == analyzer.last_mirrored
+    singles = sum(analyzer.analyze(crops([image])).mirrored for image in images[:12])
+    assert singles == analyzer.analyze(crops(images[:12])).mirrored
 
 
 def test_without_the_mirror_pass_the_margin_is_moot(faces):
     images, _ = faces
     analyzer = Analyzer.load(device="cpu", flip_tta=False, mirror_margin=1.0)
-    assert analyzer.mirror_margin == 0.0
-    analyzer.analyze(images[:8], [True] * 8, [1] * 8, [False] * 8)
-    assert analyzer.last_mirrored == 0
+    assert analyzer.plan.mirror_margin == 0.0
+    assert analyzer.analyze([ImageRequest(image, aligned=True, max_faces=1) for image in images[:8]]).mirrored == 0
 
 
 def test_a_margin_outside_zero_to_one_is_refused(monkeypatch):

@@ -11,8 +11,9 @@ import torch
 
 from model.faces.detect import FaceDetector
 from model.faces.mtcnn import TorchNets
-from model.faces.mtcnn_onnx import FOLDER, MANIFEST, NETS, OnnxNets, export_mtcnn_onnx, read_manifest, select_nets
 from model.fileio import sha256_file
+from model.serving.mtcnn_onnx import FOLDER, MANIFEST, NETS, OnnxNets, export_mtcnn_onnx, read_manifest
+from model.serving.plan import resolve_detector_runtime
 
 
 def test_the_committed_graphs_were_exported_from_the_installed_facenet_weights():
@@ -20,18 +21,14 @@ def test_the_committed_graphs_were_exported_from_the_installed_facenet_weights()
     assert manifest is not None, (FOLDER / MANIFEST).read_text()
     for net in NETS:
         assert sha256_file(FOLDER / manifest[net]["file"]) == manifest[net]["sha256"]
-    threads = torch.get_num_threads()
-    try:  # "auto": ONNX Runtime where torch runs one thread (each batch loop of the service)
-        torch.set_num_threads(1)
-        assert isinstance(FaceDetector().nets, OnnxNets)
-        assert isinstance(FaceDetector(runtime="torch").nets, TorchNets)
-        torch.set_num_threads(2)
-        assert isinstance(FaceDetector().nets, TorchNets)
-        assert isinstance(FaceDetector(runtime="onnxruntime").nets, OnnxNets)
-    finally:
-        torch.set_num_threads(threads)
+    # "auto": ONNX Runtime where torch runs one thread (each batch loop of the service)
+    assert resolve_detector_runtime("cpu", 1, FOLDER) == "onnxruntime"
+    assert resolve_detector_runtime("cpu", 1, FOLDER, "torch") == "torch"
+    assert resolve_detector_runtime("cpu", 2, FOLDER) == "torch"
+    assert resolve_detector_runtime("cpu", 2, FOLDER, "onnxruntime") == "onnxruntime"
+    assert resolve_detector_runtime("cuda", 1, FOLDER) == "torch"
     with pytest.raises(ValueError, match="unknown runtime"):
-        FaceDetector(runtime="tensorrt")
+        resolve_detector_runtime("cpu", 1, FOLDER, "tensorrt")
 
 
 def test_graphs_of_other_facenet_weights_are_never_used(tmp_path):
@@ -39,16 +36,9 @@ def test_graphs_of_other_facenet_weights_are_never_used(tmp_path):
     manifest = json.loads((tmp_path / "mtcnn" / MANIFEST).read_text())
     manifest["onet"]["source_sha256"] = "0" * 64   # exported from other O-Net weights
     (tmp_path / "mtcnn" / MANIFEST).write_text(json.dumps(manifest))
-    detector = FaceDetector(runtime="torch")
-    threads = torch.get_num_threads()
-    try:  # one thread: where "auto" would take the graphs
-        torch.set_num_threads(1)
-        assert isinstance(select_nets(detector.mtcnn, "auto", FOLDER), OnnxNets)
-        assert isinstance(select_nets(detector.mtcnn, "auto", tmp_path / "mtcnn"), TorchNets)
-    finally:
-        torch.set_num_threads(threads)
+    assert resolve_detector_runtime("cpu", 1, tmp_path / "mtcnn") == "torch"
     with pytest.raises(FileNotFoundError, match="ipdfer export-onnx"):
-        select_nets(detector.mtcnn, "onnxruntime", tmp_path / "mtcnn")
+        resolve_detector_runtime("cpu", 1, tmp_path / "mtcnn", "onnxruntime")
 
 
 def test_a_changed_graph_file_is_refused(tmp_path):
@@ -56,13 +46,13 @@ def test_a_changed_graph_file_is_refused(tmp_path):
     with open(tmp_path / "mtcnn" / "rnet.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(ValueError, match="does not match"):
-        select_nets(FaceDetector(runtime="torch").mtcnn, "onnxruntime", tmp_path / "mtcnn")
+        OnnxNets(read_manifest(tmp_path / "mtcnn"), tmp_path / "mtcnn")
 
 
 def test_export_writes_graphs_that_compute_what_pytorch_computes(tmp_path):
     manifest = export_mtcnn_onnx(tmp_path)
     assert read_manifest(tmp_path) == json.loads((tmp_path / MANIFEST).read_text()) == manifest
-    mtcnn = FaceDetector(runtime="torch").mtcnn
+    mtcnn = FaceDetector().mtcnn
     nets, reference = OnnxNets(manifest, tmp_path), TorchNets(mtcnn)
     rng = np.random.default_rng(0)
     for net, shape in (("pnet", (2, 53, 40)), ("rnet", (17, 24, 24)), ("onet", (5, 48, 48))):
@@ -85,16 +75,19 @@ def test_feature_map_prelus_are_exported_as_convolutions():
 
 
 def test_the_analyzer_takes_the_graphs_beside_its_weights_else_the_shipped_ones(tmp_path):
-    from model.inference import Analyzer, mtcnn_folder
+    from model.serving.analyzer import Analyzer
+    from model.serving.plan import mtcnn_folder
     from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
     for name in ("ipdfer.pt", "manifest.json", "encoders.onnx"):
         shutil.copy(DEFAULT_WEIGHTS_DIR / name, tmp_path / name)
-    assert mtcnn_folder(load_weights(tmp_path)) is None   # -> the shipped weights/mtcnn/
-    shutil.copytree(FOLDER, tmp_path / "mtcnn")           # as an installed image holds them
+    assert mtcnn_folder(load_weights(tmp_path)) == FOLDER   # the shipped weights/mtcnn/
+    shutil.copytree(FOLDER, tmp_path / "mtcnn")            # as an installed image holds them
     assert mtcnn_folder(load_weights(tmp_path)) == tmp_path / "mtcnn"
-    pipeline = Analyzer.load(tmp_path, device="cpu", runtime="onnxruntime").pipeline
+    analyzer = Analyzer.load(tmp_path, device="cpu", runtime="onnxruntime")
+    assert analyzer.plan.mtcnn_folder == tmp_path / "mtcnn" and analyzer.plan.detector_runtime == "onnxruntime"
+    pipeline = analyzer.pipeline
     assert isinstance(pipeline.detector.nets, OnnxNets)
-    # the detectors that locate aligned=true crops run MTCNN as the pipeline's does
+    # the detectors that locate aligned=true crops run MTCNN as the pipeline's does: the same sessions
     for located_by in (pipeline.crops.small, pipeline.crops.large):
-        assert located_by.onnx_folder == tmp_path / "mtcnn" and isinstance(located_by.nets, OnnxNets)
+        assert located_by.nets is pipeline.detector.nets
     assert isinstance(Analyzer.load(tmp_path, device="cpu", runtime="torch").pipeline.detector.nets, TorchNets)

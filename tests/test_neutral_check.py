@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from model.inference import Analyzer
+from model.serving.analyzer import Analyzer
 from model.training import neutral_check
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 from tests import data_samples as samples

@@ -18,7 +18,7 @@ from PIL import Image
 
 from model.labels import EXPRESSIONS
 from service.backend import InProcessBackend
-from service.pipeline import Outcome
+from service.jobs import Outcome
 from service.schemas import PredictOut
 from service.server import create_app
 from service.settings import Settings
@@ -365,18 +365,21 @@ def test_probe_and_decoder_are_one_module():
     from service import images as edge
     from service.errors import JobError
     assert edge.probe_header is decoder.probe
+    from service.errors import http_status
+    from service.jobs import image_error_kind
     for fmt, status in (("GIF", 415), ("PNG", None)):
         buf = _io.BytesIO()
         _Image.new("RGB", (32, 32)).save(buf, format=fmt)
         if status:
             with pytest.raises(JobError) as info:
                 edge.probe(buf.getvalue(), max_pixels=10_000, max_bytes=1 << 20)
-            assert info.value.status == status
+            assert info.value.kind == "unsupported_image" and http_status(info.value) == status
         else:
             assert edge.probe(buf.getvalue(), max_pixels=10_000, max_bytes=1 << 20) == ("PNG", 32, 32)
     for err, status in ((decoder.ImageTooLargeError("x"), 413), (decoder.ImageTooSmallError("x"), 422),
-                        (decoder.ImageDecodeError("x"), 400), (ValueError("x"), None)):
-        assert edge.image_error_status(err) == status
+                        (decoder.ImageDecodeError("x"), 400)):
+        assert http_status(JobError(image_error_kind(err), "x")) == status
+    assert image_error_kind(ValueError("x")) is None
 
 
 # --- backpressure and timeouts, with a fake batch function ----------------------------
@@ -394,7 +397,7 @@ class BlockingFake:
     def __call__(self, jobs):
         self.started.set()
         self.release.wait(30)
-        return [Outcome({"status": 200, "faces": [], "image": {"width": 1, "height": 1}, "model": self.info,
+        return [Outcome({"faces": [], "image": {"width": 1, "height": 1}, "model": self.info,
                          "worker": "fake", "batch_size": len(jobs),
                          "timings": {"queue_ms": 0, "model_ms": 0}}) for _ in jobs]
 
@@ -551,7 +554,8 @@ def test_a_body_that_never_finishes_is_408_after_the_body_timeout(service_pipeli
 def test_a_large_upload_is_decoded_smaller_and_answered_in_its_own_pixels(service_pipeline):
     """A photo over decode_max_side is decoded smaller (memory), yet its boxes and
     landmarks are those of the full-size photo, in the full-size photo's pixels."""
-    from service.pipeline import Job, Pipeline
+    from service.jobs import Job
+    from service.pipeline import Pipeline
     big = np.array(Image.fromarray(astronaut()).resize((2048, 2048), Image.BICUBIC))
     data = encode(big, "JPEG", quality=95)
     capped = Pipeline(service_pipeline.analyzer, max_pixels=40_000_000, max_bytes=32 << 20,
@@ -559,7 +563,7 @@ def test_a_large_upload_is_decoded_smaller_and_answered_in_its_own_pixels(servic
     full = Pipeline(service_pipeline.analyzer, max_pixels=40_000_000, max_bytes=32 << 20,
                     decode_max_side=None)
     small_reply, full_reply = (p([Job(image=data)])[0].reply for p in (capped, full))
-    assert small_reply["status"] == full_reply["status"] == 200
+    assert "error" not in small_reply and "error" not in full_reply
     assert small_reply["image"] == full_reply["image"] == {"width": 2048, "height": 2048}
     (a,), (b,) = small_reply["faces"], full_reply["faces"]
     eye_distance = np.linalg.norm(np.subtract(*b["landmarks"][:2]))
@@ -573,16 +577,18 @@ import resource, sys
 from PIL import Image
 import io
 buf = io.BytesIO(); Image.new("RGBA", (6000, 6000)).save(buf, format="PNG"); data = buf.getvalue()
-from service.pipeline import Pipeline, Job
+from service.jobs import Job
+from service.pipeline import Pipeline
+from model.serving.analyzer import Analysis, ImageResult
 class NoFaces:  # decoding alone is measured: the analyzer finds nothing
     info = {}
-    def analyze(self, images, **kw):
-        return [[] for _ in images]
+    def analyze(self, requests):
+        return Analysis([ImageResult() for _ in requests], {})
 pipe = Pipeline(NoFaces(), max_pixels=40_000_000, max_bytes=32 << 20, decode_max_side=2560)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 reply = pipe([Job(image=data)])[0].reply
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-print(reply["status"], reply["image"]["width"], peak // 1024)
+print(reply.get("error", "ok"), reply["image"]["width"], peak // 1024)
 """
 
 
@@ -594,8 +600,9 @@ def test_a_pixel_bomb_within_the_limits_decodes_in_bounded_memory():
     out = subprocess.run([sys.executable, "-c", DECODE_PEAK], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    status, width, peak_mb = map(int, out.stdout.split())
-    assert (status, width) == (200, 6000)
+    outcome, width, peak_mb = out.stdout.split()
+    width, peak_mb = int(width), int(peak_mb)
+    assert (outcome, width) == ("ok", 6000)
     assert peak_mb < 400, f"decoding raised peak memory by {peak_mb} MB"
 
 

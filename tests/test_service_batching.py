@@ -258,19 +258,23 @@ def test_a_lone_item_on_an_idle_loop_is_not_held_back():
     assert batch == [1, 2, 3] and source.calls[1] == (6, 1000.0)
 
 
-def test_a_dead_lettered_reply_raises_the_typed_error():
-    """The queue marks a dead-lettered reply; the backend raises DeadLettered (a
-    JobError, 500), so the edge counts it without matching message text."""
+def test_an_error_reply_raises_its_kind_and_the_edge_maps_it_to_one_status():
+    """A reply's error kind (service/jobs.py) becomes JobError(kind); the only place
+    a kind becomes an HTTP status is service/errors.py."""
     import pytest as _pytest
 
     from service.backend import _check
-    from service.errors import DeadLettered, JobError
-    with _pytest.raises(DeadLettered) as info:
-        _check({"status": 500, "detail": "gone after 3 tries", "dead_letter": True})
-    assert isinstance(info.value, JobError) and info.value.status == 500
-    with _pytest.raises(JobError) as other:
-        _check({"status": 500, "detail": "job dead-lettered: lookalike text"})
-    assert not isinstance(other.value, DeadLettered)
+    from service.errors import JOB_ERROR_STATUS, JobError, NoWorkers, ResultTimeout, http_status
+    from service.jobs import ERROR_KINDS, error_reply
+    with _pytest.raises(JobError) as info:
+        _check(error_reply("dead_letter", "gone after 3 tries"))
+    assert info.value.kind == "dead_letter" and http_status(info.value) == 500
+    assert _check({"faces": []}) == {"faces": []}
+    assert set(JOB_ERROR_STATUS) == set(ERROR_KINDS)
+    assert http_status(JobError("image_too_large", "x")) == 413 and http_status(JobError("unknown_face", "x")) == 404
+    assert http_status(NoWorkers()) == 503 and http_status(ResultTimeout()) == 504
+    with _pytest.raises(ValueError, match="unknown error kind"):
+        error_reply("teapot", "no such kind")
 
 
 def test_the_in_process_face_store_drops_expired_states_as_new_ones_come():
@@ -327,7 +331,7 @@ def test_a_costly_item_runs_alone_after_its_batch_mates_are_answered():
 
 
 def test_job_cost_is_the_pixels_of_a_photo_to_search():
-    from service.pipeline import OP_RENDER, Job, job_cost
+    from service.jobs import OP_RENDER, Job, job_cost
     buf = io.BytesIO()
     Image.new("RGB", (1200, 900)).save(buf, format="JPEG")
     assert job_cost(Job(image=buf.getvalue())) == 1200 * 900

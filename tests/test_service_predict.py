@@ -30,8 +30,8 @@ def test_predict_files_prints_one_json_line_per_file(service_pipeline, tmp_path)
         assert abs(sum(face["expression"]["probabilities"].values()) - 1) < 1e-3
         assert set(face["pose"]) == {"yaw", "pitch", "roll"}
         Image.open(face["neutral_file"]).load()  # the neutral render, as a PNG file
-    assert lines[3]["status"] == 400 and "corrupt" in lines[3]["error"]
-    assert lines[4]["status"] == 400 and "cannot read" in lines[4]["error"]
+    assert lines[3]["error"] == "bad_image" and "corrupt" in lines[3]["detail"]
+    assert lines[4]["error"] == "bad_image" and "cannot read" in lines[4]["detail"]
 
 
 def test_ipdfer_predict_command(service_pipeline, tmp_path, capsys, monkeypatch):

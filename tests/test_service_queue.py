@@ -11,7 +11,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.errors import NoWorkers, QueueFull
-from service.pipeline import Job, Outcome
+from service.jobs import Job, Outcome
 from service.queue import GROUP, RedisQueue
 from service.settings import Settings
 from service.batching import next_batch
@@ -28,7 +28,7 @@ def settings_for(redis_server, **kw) -> Settings:
 def echo(jobs: list[Job]) -> list[Outcome | Exception]:
     """Fake model: answers the image length; b"poison" raises in its slot only."""
     return [RuntimeError("poisoned input") if j.image == b"poison" else
-            Outcome({"status": 200, "size": len(j.image), "batch": len(jobs)}) for j in jobs]
+            Outcome({"size": len(j.image), "batch": len(jobs)}) for j in jobs]
 
 
 async def started_worker(s: Settings, process=echo, name: str = "w1") -> tuple[Worker, asyncio.Task]:
@@ -120,9 +120,9 @@ def test_a_job_is_answered_once_even_if_completed_twice(redis_server):
         job_id = await q.enqueue({"op": "analyze"}, b"img")
         (job,) = await q.read("w", 1, 0)
         assert job.id == job_id and job.image == b"img" and job.meta["op"] == "analyze"
-        assert await q.complete(job, {"status": 200, "n": 1}) is True
-        assert await q.complete(job, {"status": 200, "n": 2}) is False
-        assert await q.wait_result(job_id, 1) == {"status": 200, "n": 1}
+        assert await q.complete(job, {"n": 1}) is True
+        assert await q.complete(job, {"n": 2}) is False
+        assert await q.wait_result(job_id, 1) == {"n": 1}
         assert await q.client.llen(q._key("result", job_id)) == 0  # no second answer waiting
         await q.close()
 
@@ -160,8 +160,8 @@ def test_a_job_failing_max_attempts_times_is_dead_lettered_with_its_reason(redis
                                          q.submit({"op": "analyze"}, b"fine", 10))
         # a raised job is retried at once (not after the 5 s visibility timeout)
         assert time.monotonic() - t0 < 4.0
-        assert good == {"status": 200, "size": 4, "batch": good["batch"]}
-        assert bad["status"] == 500
+        assert good == {"size": 4, "batch": good["batch"]}
+        assert bad["error"] == "dead_letter"
         assert "dead-lettered" in bad["detail"] and "RuntimeError: poisoned input" in bad["detail"]
         assert await q.dead_count() == 1
         (entry,) = await q.client.xrange(q.dead)
@@ -187,7 +187,7 @@ def test_expired_jobs_are_not_processed(redis_server):
         await q.heartbeat("x", {})
         job_id = await q.enqueue({"op": "analyze", "deadline": time.time() - 1}, b"late")
         worker, task = await started_worker(s, spy)
-        assert (await q.wait_result(job_id, 5))["status"] == 504
+        assert (await q.wait_result(job_id, 5))["error"] == "expired"
         await stop_worker(worker, task)
         await q.close()
 
@@ -214,7 +214,7 @@ def test_graceful_shutdown_finishes_the_batch_in_hand(redis_server):
         # ... and what it had not read yet stays queued for the next worker: nothing lost
         worker2, task2 = await started_worker(s, slow, name="w2")
         replies = await asyncio.gather(*pending)
-        assert all(r["status"] == 200 for r in replies)
+        assert all("error" not in r for r in replies)
         assert await q.pending() == 0
         worker2.stop.set()
         await asyncio.wait_for(task2, 10)
@@ -231,7 +231,7 @@ def test_redis_restart_fails_fast_then_recovers(redis_server):
     async def go():
         worker, task = await started_worker(s)
         q = RedisQueue.from_settings(s)
-        assert (await q.submit({"op": "analyze"}, b"before", 5))["status"] == 200
+        assert "error" not in await q.submit({"op": "analyze"}, b"before", 5)
         redis_server.stop()
         try:
             t0 = time.monotonic()
@@ -249,7 +249,7 @@ def test_redis_restart_fails_fast_then_recovers(redis_server):
                 pass
             await asyncio.sleep(0.05)
         reply = await q.submit({"op": "analyze"}, b"after", 10)
-        assert reply["status"] == 200 and reply["size"] == 5
+        assert "error" not in reply and reply["size"] == 5
         groups = await q.client.xinfo_groups(q.stream)
         assert [g["name"] for g in groups] == [GROUP.encode()]
         await stop_worker(worker, task)

@@ -31,7 +31,7 @@ class FaceWorker:
         from model.faces.preprocess import CropLocator
         # PyTorch's MTCNN always: "auto" picks ONNX Runtime by thread count, and the
         # cache must not depend on how many workers built it (the two differ by rounding)
-        self.locator = CropLocator(device=self.device, batch_size=self.detect_batch, runtime="torch")
+        self.locator = CropLocator(device=self.device, batch_size=self.detect_batch)
         self.encoder = fused_encoder(load_identity_encoder(self.device))
         if self.device == "cpu":
             self.encoder = self.encoder.to(memory_format=torch.channels_last)  # faster on CPU

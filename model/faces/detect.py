@@ -8,13 +8,17 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
 import torch
 
 from model.faces.align import as_rgb
+
+# nets(name, pixels) -> outputs: MTCNN's network `name` ("pnet", "rnet", "onet") on
+# (K, h, w, 3) normalised float32 pixels (model/faces/mtcnn.py's TorchNets)
+Nets = Callable[[str, np.ndarray], tuple[np.ndarray, ...]]
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: == on the array field would be ambiguous
@@ -55,19 +59,17 @@ class FaceDetector:
                  upscale_small: bool = True, small_side: int = 96,
                  upscale_factor: float = 3.0, pad_fraction: float = 0.1,
                  batch_size: int = 16, batch_pixels: int = 600_000,
-                 max_candidates: int = 400, max_refine: int = 100, runtime: str = "auto",
-                 onnx_folder: Path | None = None) -> None:
+                 max_candidates: int = 400, max_refine: int = 100, nets: Nets | None = None) -> None:
         from facenet_pytorch import MTCNN  # imported here: decoding and alignment don't need it
 
-        from model.faces.mtcnn import channels_last
-        from model.faces.mtcnn_onnx import FOLDER, select_nets
+        from model.faces.mtcnn import TorchNets, channels_last
 
         self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=min_face_size)
         channels_last(self.mtcnn)
-        # MTCNN's networks: ONNX Runtime on the CPU where `onnx_folder` (default: the
-        # shipped weights/mtcnn/) holds their graphs; kept for detectors built alike
-        self.runtime, self.onnx_folder = runtime, onnx_folder or FOLDER
-        self.nets = select_nets(self.mtcnn, runtime, self.onnx_folder)
+        # what runs MTCNN's three networks: given (the serving plan's ONNX Runtime
+        # graphs, shared by an Analyzer's detectors), else facenet-pytorch's own
+        self.nets: Nets = nets if nets is not None else TorchNets(self.mtcnn)
+        self.shared_nets = nets
         self.min_face_size = min_face_size
         self.min_score = min_score
         self.max_side = max_side

@@ -10,7 +10,7 @@ photo with that many faces costs. Below the bounds the result is facenet-pytorch
 exactly: same networks, thresholds, crops and suppression (a test compares them).
 
 The networks run in ONNX Runtime on the CPU when their exported graphs are there
-(model/faces/mtcnn_onnx.py), else in PyTorch channels-last (`channels_last`, `TorchNets`): this CPU
+(model/serving/mtcnn_onnx.py), else in PyTorch channels-last (`channels_last`, `TorchNets`): this CPU
 build's max pooling is 3-10x slower on NCHW tensors, which made pooling 40% of a
 detection; a 224 px photo went from 44 to 30 ms on one thread. The pyramid and
 the crops are resampled from summed-area tables (`AreaResampler`) instead of one
@@ -117,7 +117,7 @@ def _normalised(pixels: np.ndarray) -> np.ndarray:
 class TorchNets:
     """`nets(name, pixels)`: MTCNN's network `name` in PyTorch on (K, h, w, 3) normalised
     pixels, given to it channels-last in memory (R-Net and O-Net run 20-30% faster on
-    it, AVX-512); its outputs as NumPy arrays. model/faces/mtcnn_onnx.py's `OnnxNets`
+    it, AVX-512); its outputs as NumPy arrays. model/serving/mtcnn_onnx.py's `OnnxNets`
     is the same in ONNX Runtime."""
 
     runtime = "torch"

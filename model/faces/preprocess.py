@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
 from model.faces.align import CANONICAL_LANDMARKS, align_face, as_rgb, identity_chip
-from model.faces.detect import Detection, FaceDetector, largest_face
+from model.faces.detect import Detection, FaceDetector, Nets, largest_face
 
 
 def center_landmarks(shape: tuple[int, ...], margin: float = 0.0, dy: float = 0.0) -> np.ndarray:
@@ -79,11 +78,10 @@ class CropLocator:
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 16,
                  small: FaceDetector | None = None, large: FaceDetector | None = None,
-                 runtime: str = "auto", onnx_folder: Path | None = None) -> None:
+                 nets: Nets | None = None) -> None:
         self.small = small or FaceDetector(device=device, min_face_size=CROP_SMALL_MIN_FACE,
-                                           batch_size=batch_size, runtime=runtime, onnx_folder=onnx_folder)
-        self.large = large or FaceDetector(device=device, batch_size=batch_size, runtime=runtime,
-                                           onnx_folder=onnx_folder)
+                                           batch_size=batch_size, nets=nets)
+        self.large = large or FaceDetector(device=device, batch_size=batch_size, nets=nets)
         self.last_seconds = 0.0
 
     def locate(self, images: list[np.ndarray]) -> list[dict]:
@@ -159,8 +157,7 @@ class FacePipeline:
     def crops(self) -> CropLocator:
         if self._crops is None:  # its own detectors, as `ipdfer prepare` located training crops,
             # with MTCNN's networks run as the pipeline's detector runs them
-            self._crops = CropLocator(device=self.device, runtime=self.detector.runtime,
-                                      onnx_folder=self.detector.onnx_folder)
+            self._crops = CropLocator(device=self.device, nets=self.detector.shared_nets)
         return self._crops
 
     def _face(self, image: np.ndarray, landmarks: np.ndarray,
@@ -172,8 +169,9 @@ class FacePipeline:
                     large=align_face(image, landmarks, self.render_size) if self.render_size else None)
 
     def process(self, images: list[np.ndarray], aligned: bool = False,
-                max_faces: int | None | list[int | None] = None) -> list[Faces]:
-        """One list of Faces per image, best detection first.
+                max_faces: int | None | list[int | None] = None, largest: list[bool] | None = None) -> list[Faces]:
+        """One list of Faces per image, best detection first (`largest[i]`: only
+        the largest face of image i).
 
         aligned=True: each image is a crop of one face (FER2013-style, any size). Its
         landmarks are found the way training crops' were (`CropLocator`), so the
@@ -182,12 +180,14 @@ class FacePipeline:
         """
         images = [as_rgb(im) for im in images]
         caps = max_faces if isinstance(max_faces, list) else [max_faces] * len(images)
+        largest = largest or [False] * len(images)
         if aligned:
             return [Faces([self._face(im, loc["landmarks"], None, loc["source"] == SOURCE_FALLBACK)], 1)
                     for im, loc in zip(images, self.crops.locate(images))]
         out = []
-        for image, dets, cap in zip(images, self.detector.detect(images), caps):
-            faces = [self._face(image, d.landmarks, d, False) for d in dets[:cap]]
+        for image, dets, cap, one in zip(images, self.detector.detect(images), caps, largest):
+            kept = [largest_face(dets)] if one and dets else dets[:cap]
+            faces = [self._face(image, d.landmarks, d, False) for d in kept]
             if not faces and self.fallback_to_center:
                 landmarks = fallback_landmarks(image.shape)
                 faces = [self._face(image, landmarks, None, True)]

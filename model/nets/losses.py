@@ -12,6 +12,7 @@ from torch.func import functional_call
 from model import faces as facelib
 from model.config import LossWeights
 from model.labels import NEUTRAL
+from model.nets.mirror import encode_with_mirror
 from model.nets.networks import IPDFER
 
 
@@ -91,7 +92,7 @@ class GeneratorObjective(nn.Module):
         if self.teacher is not None:
             # the teacher's answer averages the face and its mirror; the student gives it in one pass
             with torch.no_grad():
-                target = self.teacher.encode(x, flip_tta=True)["probs"]
+                target = encode_with_mirror(self.teacher.encode, x, margin=1.0)["probs"]
             terms["distill"] = F.kl_div(enc["logits"].float().log_softmax(1), target, reduction="batchmean")
         if ablation:
             return self._total(terms)

@@ -20,7 +20,7 @@ def assert_shape(x: torch.Tensor, shape: tuple) -> None:
 class ResBlock(nn.Module):
     """Pre-activation-free basic block (conv-BN-ReLU-conv-BN + shortcut)."""
 
-    BN_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"))   # foldable for inference (model.inference)
+    BN_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"))   # foldable for inference (model/nets/serving.py)
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
@@ -286,30 +286,17 @@ class IPDFER(nn.Module):
         self.register_buffer("class_bias", torch.zeros(cfg.num_classes))
 
     POSE_SCALE = 45.0
-    JOINT_MIRROR_MAX = 8   # batch size up to which flip_tta runs face + mirror in one E_exp call
 
-    def encode(self, x: torch.Tensor, flip_tta: bool = False) -> dict[str, torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: (N,1,S,S) in [-1,1] -> logits (N,7), probs (N,7), pose in degrees (N,3),
-        features. flip_tta: probs average the face and its mirror image (E_exp sees
-        both, in one call up to JOINT_MIRROR_MAX in eval mode; logits and features
-        stay those of the face itself)."""
+        features; one pass (the mirror pass is model/nets/mirror.py's, for
+        serving and evaluation alike)."""
         s = self.cfg.image_size
         assert_shape(x, (None, 1, s, s))
-        # small batches: the face and its mirror in one E_exp call (fewer, fuller
-        # kernels: 1.3x at batch 1); in training, BatchNorm must see the face alone
-        if flip_tta and x.shape[0] <= self.JOINT_MIRROR_MAX and not self.training:
-            both = self.exp_encoder(torch.cat([x, x.flip(3)]))
-            n = x.shape[0]  # (not chunk, not len(): both fix the batch size of an ONNX export)
-            exp, exp_mirror = both[:n], both[n:]
-        else:
-            exp = self.exp_encoder(x)
-            exp_mirror = self.exp_encoder(x.flip(3)) if flip_tta else None
+        exp = self.exp_encoder(x)
         pose_feat = self.pose_encoder(x)
         logits = self.exp_head(exp) + self.class_bias
         probs = logits.float().softmax(1)
-        if flip_tta:
-            mirrored = self.exp_head(exp_mirror) + self.class_bias
-            probs = (probs + mirrored.float().softmax(1)) / 2
         return {"logits": logits, "probs": probs, "pose": self.pose_head(pose_feat) * self.POSE_SCALE,
                 "exp": exp, "pose_feat": pose_feat}
 

@@ -1,6 +1,6 @@
 """The serving copy of the model: E_exp's and E_pose's BatchNorm folded into the
 layers before them, channels-last weights. Used by the Analyzer (PyTorch) and by
-the ONNX export (model/encoders_onnx.py), so both serve the same computation."""
+the ONNX export (model/serving/encoders_onnx.py), so both serve the same computation."""
 from __future__ import annotations
 
 import copy

@@ -20,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from model.data import datasets as datalib
 from model import faces as facelib
 from model.labels import EXPRESSIONS, NEUTRAL
+from model.nets.mirror import encode_with_mirror
 from model.nets.networks import IPDFER
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
@@ -61,7 +62,7 @@ def encode_all(model: IPDFER, images: np.ndarray, batch: int = 256, tta: bool | 
     tta = model.cfg.flip_tta if tta is None else tta
     for s in range(0, len(images), batch):
         x = to_input(images[s:s + batch]).to(device)
-        o = model.encode(x, flip_tta=tta)
+        o = encode_with_mirror(model.encode, x, margin=1.0 if tta else 0.0)
         probs = o["probs"]
         for k, v in (("probs", probs), ("pose", o["pose"]), ("exp", o["exp"]), ("pose_feat", o["pose_feat"])):
             outs[k].append(v.float().cpu().numpy())
@@ -236,10 +237,11 @@ def run(args: argparse.Namespace) -> int:
     if args.neutral_photos:
         if judge is None:
             raise SystemExit("--neutral-photos needs --reference (the judge of neutral renders)")
-        from model.inference import Analyzer
+        from model.serving.analyzer import Analyzer
+        from model.serving.plan import ServingPlan
         from model.training.neutral_check import neutral_photo_check
-        report["neutral_photos"] = neutral_photo_check(Analyzer(loaded, device="cpu"), judge, args.neutral_photos,
-                                                       out=args.out)
+        analyzer = Analyzer(loaded, ServingPlan.resolve(loaded, device="cpu"))
+        report["neutral_photos"] = neutral_photo_check(analyzer, judge, args.neutral_photos, out=args.out)
     if args.probes:
         report["probes"] = probes(model, args.data_cache, args.limit)
         print(json.dumps(report["probes"]))

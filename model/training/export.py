@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = save_weights(model.eval(), args.out, version=args.version, trained=trained, extra=extra)
     print(json.dumps({k: manifest[k] for k in ("file", "sha256", "size_bytes", "trained")}))
     try:  # the CPU runtime's graph of these weights (the old one no longer matches)
-        from model.encoders_onnx import export_onnx
+        from model.serving.encoders_onnx import export_onnx
         print(json.dumps({"onnx": export_onnx(args.out)}))
     except ImportError as exc:
         print(f"encoders.onnx not exported ({exc}): pip install -e '.[export]', then ipdfer export-onnx")

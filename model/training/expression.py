@@ -47,8 +47,8 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.labels import EXPRESSIONS
-from model.paths import MANIFEST_DIR, cache_root, data_root
-from model.precisions import cpu_has_native_bf16
+from model.paths import cache_root, data_root
+from model.serving.plan import cpu_has_native_bf16
 
 SIZE = 64  # the served aligned face side (ModelConfig.image_size of the shipped weights)
 

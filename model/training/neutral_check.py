@@ -40,8 +40,9 @@ from PIL import Image
 from model import faces as facelib
 from model.images import load_image
 from model.faces.identity import IDENTITY_THRESHOLD
-from model.inference import Analyzer, residue_heatmap
+from model.serving.analyzer import Analyzer, ImageRequest, residue_heatmap
 from model.labels import EXPRESSIONS, NEUTRAL
+from model.nets.mirror import encode_with_mirror
 from model.nets.networks import IPDFER
 from model.paths import MANIFEST_DIR
 
@@ -99,14 +100,13 @@ def neutral_photo_check(analyzer: Analyzer, judge: IPDFER, root: Path, manifest:
         paths = v["neutral"] + v["expressive"]
         images = [load_image(root / p) for p in paths]
         want = [p in v["expressive"] for p in paths]
-        results = analyzer.analyze(images, aligned=[False] * len(paths), max_faces=[1] * len(paths),
-                                   neutral=want)
-        for p, w, res in zip(paths, want, results):
-            if isinstance(res, Exception) or not res:
+        analysis = analyzer.analyze([ImageRequest(image, max_faces=1, neutral=w) for image, w in zip(images, want)])
+        for p, w, res in zip(paths, want, analysis.images):
+            if not res.faces:
                 continue
-            faces[p] = res[0]
+            faces[p] = res.faces[0]
             if w:
-                renders[p] = np.array(Image.open(io.BytesIO(res[0].neutral_png)).convert("L"))
+                renders[p] = np.array(Image.open(io.BytesIO(res.faces[0].neutral_png)).convert("L"))
     print(f"analysed {len(faces)} of {sum(len(v['neutral']) + len(v['expressive']) for v in people.values())} "
           f"photos in {time.time() - t0:.0f}s ({len(renders)} renders)")
     size = next(iter(renders.values())).shape[0]
@@ -187,7 +187,7 @@ def neutral_photo_check(analyzer: Analyzer, judge: IPDFER, root: Path, manifest:
         s = judge.cfg.image_size
         small = [cv2.resize(c, (s, s), interpolation=cv2.INTER_AREA) for c in crops]
         with torch.inference_mode():
-            probs = judge.encode(facelib.to_model_input(small), flip_tta=True)["probs"]
+            probs = encode_with_mirror(judge.encode, facelib.to_model_input(small), margin=1.0)["probs"]
         return (probs.argmax(1) == NEUTRAL).numpy()
 
     judged = {"render": judged_neutral([renders[p] for _, p in expr]),

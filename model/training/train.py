@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from model.config import ConfigError, TrainConfig, load_train_config, to_dict
 from model.paths import cache_root
-from model.precisions import cpu_has_native_bf16
+from model.serving.plan import cpu_has_native_bf16
 from model.nets.losses import GeneratorObjective, IdentityLoss, hinge_d_loss
 from model.nets.networks import IPDFER, Discriminator
 

@@ -16,21 +16,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.inference import Analyzer
+from model.serving.analyzer import Analyzer, ImageRequest
 from tests.test_golden import GOLDEN, REPO, _images, block_means, neutral_blocks
 
 
 def record(weights: str, images: list[tuple[str, bool, str]], data: Path) -> dict:
     analyzer = Analyzer.load(REPO / weights, device="cpu", precision="fp32")
     arrays = [np.asarray(Image.open(data / rel).convert("RGB")) for _, _, rel in images]
-    results = analyzer.analyze(arrays, aligned=[a for _, a, _ in images], max_faces=[None] * len(images),
-                               neutral=[True] * len(images))
+    results = analyzer.analyze([ImageRequest(array, aligned=a, neutral=True)
+                                for array, (_, a, _) in zip(arrays, images)]).images
     out = {}
-    for (key, _, _), faces in zip(images, results):
+    for (key, _, _), result in zip(images, results):
         entries = []
-        for face in faces:
+        for face in result.faces:
             entries.append({**face.to_dict(), "neutral_8x8": neutral_blocks(face).tolist()})
-        out[key] = {"detected": faces.detected, "faces": entries}
+        out[key] = {"detected": result.detected, "faces": entries}
     return out
 
 

@@ -1,6 +1,7 @@
 """MTCNN's three networks (facenet-pytorch's P-, R- and O-Net, its own weights) as
 ONNX graphs run by ONNX Runtime on the CPU; the stages around them
-(model/faces/mtcnn.py) stay as they are.
+(model/faces/mtcnn.py) stay as they are: a FaceDetector built with
+`nets=OnnxNets.factory(...)` runs them (the serving plan decides, plan.py).
 
 Why: at the small shapes MTCNN runs (a 67 px pyramid level, a few dozen 24 px
 crops) PyTorch takes its unblocked fallback convolution and pays per-operator
@@ -12,7 +13,7 @@ ONNX Runtime was slower at every batch size (FER2013 crops, batches of 64: 8.7 v
 10.3 ms). The service, whose batch loops run one thread and small, varying
 batches, served 1.09-1.22x the requests at 16 clients and 1.11-1.16x for a lone
 client (benchmarks/load.py against both commits side by side). So "auto" takes it
-only where torch runs one thread.
+only where torch runs one thread (plan.resolve_detector_runtime).
 
 The graphs are exported once, offline (`ipdfer export-onnx`, which needs the
 `export` extra), into weights/mtcnn/ (the Analyzer looks first in the `mtcnn/`
@@ -29,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.fileio import atomic_write, atomic_write_text, sha256_file
-from model.onnx_runtime import check_runtime, cpu_session
+from model.fileio import atomic_write_text, sha256_file
+from model.serving.onnx import cpu_session, export_verified, graph_record
 from model.paths import WEIGHTS_DIR
 
 SUBFOLDER = "mtcnn"
@@ -80,22 +81,6 @@ class OnnxNets:
 
     def __call__(self, net: str, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(self.sessions[net].run(None, {INPUT: pixels}))
-
-
-def select_nets(mtcnn, runtime: str = "auto", folder: Path = FOLDER):
-    """What runs MTCNN's networks: "auto" = ONNX Runtime on the CPU with one torch
-    thread (the service's batch loops) when `folder` holds the graphs of the
-    installed facenet-pytorch weights, else PyTorch (`TorchNets`); "torch";
-    "onnxruntime" insists. Threads: torch's count now."""
-    from model.faces.mtcnn import TorchNets
-    check_runtime(runtime)
-    on_cpu = torch.device(mtcnn.device).type == "cpu"
-    wanted = runtime == "onnxruntime" or (runtime == "auto" and torch.get_num_threads() == 1)
-    manifest = read_manifest(folder) if wanted and on_cpu else None
-    if runtime == "onnxruntime" and manifest is None:
-        raise FileNotFoundError(f"runtime onnxruntime: no MTCNN graphs of the installed facenet-pytorch in {folder}"
-                                + ("" if on_cpu else " (and it runs on the CPU only)") + ": run ipdfer export-onnx")
-    return OnnxNets(manifest, folder, threads=torch.get_num_threads()) if manifest else TorchNets(mtcnn)
 
 
 class _PReLUAsConvolutions(torch.nn.Module):
@@ -153,34 +138,17 @@ def export_mtcnn_onnx(folder: Path = FOLDER, opset: int = 18) -> dict:
                                    ("onet", ONet, [(1, 48, 48), (9, 48, 48)], ["prelu1", "prelu2", "prelu3", "prelu4"])):
         module = _ChannelsLastInput(cls()).eval()   # facenet-pytorch's network: the reference
         exported = _ChannelsLastInput(_blocked_prelus(module.net, maps)).eval()
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        dims = {0: batch}
+        dims = {0: torch.export.Dim("batch", min=1, max=65536)}
         if net == "pnet":  # the pyramid: any size from MTCNN's 12 px up
             dims.update({1: torch.export.Dim("height", min=12, max=8192),
                          2: torch.export.Dim("width", min=12, max=8192)})
-        program = torch.onnx.export(exported, (torch.zeros(2, *shapes[0][1:], 3),), dynamo=True,
-                                    opset_version=opset, input_names=[INPUT], dynamic_shapes=(dims,),
-                                    verbose=False)
-        worst = 0.0
-
-        def save_checked(tmp: Path) -> None:  # a graph that fails the check never replaces the old one
-            nonlocal worst
-            program.save(str(tmp))
-            import onnxruntime as ort
-            session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-            for n, h, w in shapes:
-                x = torch.rand(n, h, w, 3, generator=generator) * 2 - 1
-                with torch.inference_mode():
-                    want = module(x)
-                got = session.run(None, {INPUT: x.numpy()})
-                worst = max(worst, *(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, want)))
-            if worst > 1e-4:
-                raise RuntimeError(f"the exported {net} differs from PyTorch by {worst:.2e}: not kept")
-
-        path = atomic_write(folder / f"{net}.onnx", save_checked)
-        manifest[net] = {"file": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
-                         "source": f"facenet_pytorch/data/{net}.pt", "source_sha256": _installed_sha256(net),
-                         "max_abs_diff": float(np.float32(worst)),
-                         "prelu": "feature-map PReLUs as two 1x1 depthwise convolutions (_PReLUAsConvolutions)"}
+        checks = [torch.rand(n, h, w, 3, generator=generator) * 2 - 1 for n, h, w in shapes]
+        path, worst = export_verified(exported, torch.zeros(2, *shapes[0][1:], 3), checks, folder / f"{net}.onnx",
+                                      opset=opset, input_name=INPUT, dynamic_shapes=dims, tolerance=1e-4,
+                                      reference=module)
+        manifest[net] = graph_record(path, source=f"facenet_pytorch/data/{net}.pt",
+                                     source_sha256=_installed_sha256(net), max_abs_diff=worst,
+                                     prelu="feature-map PReLUs as two 1x1 depthwise convolutions "
+                                           "(_PReLUAsConvolutions)")
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -1,4 +1,4 @@
-"""The served encoders' graph (model/encoders_onnx.py) with int8 weights and
+"""The served encoders' graph (model/serving/encoders_onnx.py) with int8 weights and
 activations, for CPUs: `IPDFER_PRECISION=int8`, run by ONNX Runtime.
 
 How it is made (`ipdfer export-onnx --int8-calibration <folder of face crops>`):
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.encoders_onnx import INPUT, OnnxEncoders, onnx_entry
+from model.serving.encoders_onnx import INPUT, OnnxEncoders, onnx_entry
 from model.fileio import atomic_write, atomic_write_text, sha256_file
 from model.weights import MANIFEST, LoadedWeights, load_weights
 
@@ -98,7 +98,7 @@ def calibration_faces(folder: Path, weights: LoadedWeights, count: int, seed: in
     if len(files) < count:
         raise ValueError(f"{folder} holds {len(files)} images; {count} face crops are needed")
     random.Random(seed).shuffle(files)
-    pipeline = facelib.FacePipeline(facelib.FaceDetector(device="cpu", runtime="torch"),
+    pipeline = facelib.FacePipeline(facelib.FaceDetector(device="cpu"),
                                     size=weights.config.image_size, device="cpu")
     aligned: list[np.ndarray] = []
     for start in range(0, count, 64):

@@ -1,7 +1,7 @@
 """The served encoders (E_exp + E_pose with their heads, one pass: `IPDFER.encode(x)`
 without the mirror image) as one ONNX graph, run by ONNX Runtime on the CPU. The
 mirror pass, where the weights are served with it, is a second run of the same
-graph on the faces that need it (model/mirror.py).
+graph on the faces that need it (mirror.py).
 
 Why: on a 2-core CPU most of the encoders' time at small batches is PyTorch's
 per-operator overhead, which ONNX Runtime mostly avoids. benchmarks/encoder_speed.py
@@ -19,11 +19,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from model.fileio import atomic_write, atomic_write_text, sha256_file
-from model.onnx_runtime import REEXPORT, cpu_session
+from model.fileio import atomic_write_text
+from model.serving.onnx import REEXPORT, cpu_session, export_verified, graph_record
 from model.weights import MANIFEST, LoadedWeights, load_weights
 
 ONNX_FILE = "encoders.onnx"
@@ -42,7 +41,7 @@ class ServedEncoders(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model.encode(x, flip_tta=False)
+        out = self.model.encode(x)
         return tuple(out[k] for k in OUTPUTS)
 
 
@@ -84,30 +83,13 @@ def export_onnx(weights_dir: Path, opset: int = 18, check_batches: tuple[int, ..
     loaded = load_weights(weights_dir)
     served = ServedEncoders(inference_form(loaded.model)).eval()
     s = loaded.config.image_size
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(served, (torch.zeros(2, 1, s, s),), dynamo=True, opset_version=opset,
-                                input_names=[INPUT], output_names=list(OUTPUTS),
-                                dynamic_shapes=({0: batch},), verbose=False)
-    worst = 0.0
-
-    def save_checked(tmp: Path) -> None:  # a graph that fails the check never replaces the old one
-        nonlocal worst
-        program.save(str(tmp))
-        runner = OnnxEncoders(tmp, sha256_file(tmp), threads=torch.get_num_threads())
-        generator = torch.Generator().manual_seed(0)
-        for n in check_batches:
-            x = torch.rand(n, 1, s, s, generator=generator) * 2 - 1
-            with torch.inference_mode():
-                expected = served(x)
-            got = runner(x)
-            worst = max(worst, *(float((got[k] - e).abs().max()) for k, e in zip(OUTPUTS, expected)))
-        if worst > 1e-3:
-            raise RuntimeError(f"the exported graph differs from PyTorch by {worst:.2e}: not kept")
-
-    path = atomic_write(weights_dir / ONNX_FILE, save_checked)
-    entry = {"file": ONNX_FILE, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
-             "source_sha256": loaded.manifest["sha256"], "form": FORM, "opset": opset, "torch": torch.__version__,
-             "outputs": list(OUTPUTS), "max_abs_diff": float(np.float32(worst))}
+    generator = torch.Generator().manual_seed(0)
+    checks = [torch.rand(n, 1, s, s, generator=generator) * 2 - 1 for n in check_batches]
+    path, worst = export_verified(served, torch.zeros(2, 1, s, s), checks, weights_dir / ONNX_FILE, opset=opset,
+                                  input_name=INPUT, output_names=OUTPUTS, tolerance=1e-3,
+                                  dynamic_shapes={0: torch.export.Dim("batch", min=1, max=4096)})
+    entry = graph_record(path, source_sha256=loaded.manifest["sha256"], form=FORM, opset=opset,
+                         torch=torch.__version__, outputs=list(OUTPUTS), max_abs_diff=worst)
     manifest = {**loaded.manifest, "onnx": entry}
     atomic_write_text(weights_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return entry

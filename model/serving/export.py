@@ -1,7 +1,7 @@
 """`ipdfer export-onnx`: the ONNX graphs the service runs on the CPU, written
 beside the weights they came from: the served encoders in fp32
-(model/encoders_onnx.py) and MTCNN's networks (model/faces/mtcnn_onnx.py); with
---int8-calibration, instead, the encoders' int8 graph (model/encoders_int8.py).
+(model/serving/encoders_onnx.py) and MTCNN's networks (model/serving/mtcnn_onnx.py); with
+--int8-calibration, instead, the encoders' int8 graph (model/serving/encoders_int8.py).
 Needs the `export` extra (onnx, onnxscript)."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from model.encoders_int8 import export_int8, int8_status
-from model.encoders_onnx import export_onnx
-from model.faces.mtcnn_onnx import SUBFOLDER, export_mtcnn_onnx
+from model.serving.encoders_int8 import export_int8, int8_status
+from model.serving.encoders_onnx import export_onnx
+from model.serving.mtcnn_onnx import SUBFOLDER, export_mtcnn_onnx
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
 

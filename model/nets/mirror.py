@@ -8,8 +8,10 @@ likely classes are close. So the served encoders run once, and the faces whose
 one-pass margin (top-1 minus top-2 probability) is below `margin` get the mirror
 pass and the average; the others keep their one-pass probabilities.
 
-`margin`: 0 = never mirror, 1 = mirror every face (`IPDFER.encode(x,
-flip_tta=True)`'s full average). The default was chosen on validation
+`margin`: 0 = never mirror, 1 = mirror every face (what `ipdfer evaluate`,
+distillation's teacher and the neutral check's judge use). The one mirror path:
+the model's `encode` is one pass, and serving and evaluation both call
+`encode_with_mirror`. The default was chosen on validation
 (FER2013 PublicTest; benchmarks/precision_accuracy.py --split public
 --precisions fp32@1,fp32@0.3,... prints the curve): see DEFAULT_MARGIN."""
 from __future__ import annotations
