@@ -1,21 +1,25 @@
-"""Dataclass configs. Every run writes them next to its outputs and into every
-checkpoint, so loading never guesses the architecture."""
+"""Dataclass configs, validated by pydantic (`from_dict`). Every run writes them
+next to its outputs and into every checkpoint, so loading never guesses the
+architecture. `ipdfer train CONFIG --print-config` prints one resolved."""
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from model.labels import EXPRESSIONS
 
 
 @dataclass
 class ModelConfig:
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
     image_size: int = 64                       # aligned grayscale face, S×S (112 on a GPU)
     num_classes: int = len(EXPRESSIONS)
     id_dim: int = 128                          # dlib descriptor (frozen E_id)
@@ -42,6 +46,8 @@ class ModelConfig:
 
 @dataclass
 class LossWeights:
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
     expression: float = 1.0      # CE of E_exp + classifier on real faces
     pose: float = 1.0            # smooth-L1 to pose pseudo-labels (degrees / 45)
     reconstruction: float = 1.0  # L1 |G(id,pose,exp) - x|
@@ -62,6 +68,8 @@ class LossWeights:
 
 @dataclass
 class TrainConfig:
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     # (dataset, split) pairs read through model.data.datasets.load_split
@@ -105,46 +113,26 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _check(value: Any, hint: Any, key: str) -> Any:
-    """`value` as the field type `hint` wants it (lists become tuples, ints floats),
-    or ConfigError naming `key`. bool is never taken for a number, nor a number for a bool."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return _check(value, arm, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return tuple(_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected an object of {hint.__name__} keys, got {value!r}")
-        return from_dict(hint, value, prefix=f"{key}.")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
+def _key(prefix: str, loc: tuple) -> str:
+    key = prefix.rstrip(".")
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
-    """Rebuild a (nested) config dataclass. Missing keys keep their defaults
-    (configs list only what differs); an unknown key or a value of the wrong type
-    is a ConfigError naming the key, so a typo never trains the wrong model."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown {cls.__name__} key"
-                          + (f" (also: {', '.join(prefix + k for k in unknown[1:])})" if unknown[1:] else ""))
-    return cls(**{k: _check(v, hints[k], prefix + k) for k, v in data.items()})
+    """Rebuild a (nested) config dataclass, validated by pydantic as strict JSON:
+    missing keys keep their defaults (configs list only what differs); lists become
+    tuples and ints floats, nothing else is coerced (no "3" for 3, no 1 for true);
+    an unknown key or a value of the wrong type is a ConfigError naming the key, so
+    a typo never trains the wrong model."""
+    try:
+        return TypeAdapter(cls).validate_json(json.dumps(data), strict=True)
+    except ValidationError as e:
+        err = e.errors()[0]
+        what = (f"unknown {cls.__name__} key" if err["type"] == "unexpected_keyword_argument"
+                else f"{err['msg'].lower()}, got {err.get('input')!r}")
+        raise ConfigError(f"{_key(prefix, err['loc'])}: {what}") from None
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -19,19 +19,19 @@ from typing import Any, Iterator, TextIO
 
 from service.jobs import OP_ANALYZE, Job
 from service.pipeline import Pipeline
-from service.settings import Settings
+from service.settings import Settings, add_options
 
 log = logging.getLogger(__name__)
+
+PREDICT_OPTIONS = ("device", "weights_dir", "max_batch_size")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     parser.add_argument("--aligned", action="store_true", help="the images already are face crops")
     parser.add_argument("--neutral-dir", type=Path, help="write each face's neutral render here as PNG")
-    parser.add_argument("--batch-size", type=int, default=None, help="files per model batch (default 16)")
     parser.add_argument("--max-faces", type=int, default=None, help="keep the best N faces per image")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--weights-dir", type=Path, help="weights folder (default: weights/)")
+    add_options(parser, PREDICT_OPTIONS, max_batch_size=("--batch-size", "--max-batch-size"))
 
 
 def _batches(items: list[Path], size: int) -> Iterator[list[Path]]:
@@ -90,7 +90,7 @@ def predict_files(pipeline: Any, files: list[Path], *, aligned: bool = False, ma
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings.from_args(args, ("device", "weights_dir"), max_batch_size="batch_size")
+    settings = Settings.from_args(args, PREDICT_OPTIONS)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     pipeline = Pipeline.load(settings, worker="predict")
     ok, failed = predict_files(pipeline, list(args.images), aligned=args.aligned, max_faces=args.max_faces,

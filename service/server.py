@@ -31,7 +31,7 @@ from service.api import router
 from service.backend import Backend, make_backend
 from service.errors import JobError, NoWorkers, QueueFull, ResultTimeout, Unavailable, http_status
 from service.metrics import ApiMetrics
-from service.settings import Settings
+from service.settings import Settings, add_options
 
 log = logging.getLogger(__name__)
 
@@ -222,22 +222,17 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
 # --- ipdfer serve -------------------------------------------------------------------
 
 
+SERVE_OPTIONS = ("host", "port", "workers_inprocess", "redis_url", "max_batch_size", "max_wait_ms", "log_level")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="bind address (IPDFER_HOST, default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (IPDFER_PORT, default 8000)")
-    parser.add_argument("--workers-inprocess", type=int,
-                        help="in-process mode: model copies, each with its own batch loop (default 1)")
-    parser.add_argument("--redis-url", help="enqueue to this Redis (REDIS_URL); unset: in-process mode")
-    parser.add_argument("--max-batch-size", type=int, help="in-process mode: most jobs per batch")
-    parser.add_argument("--max-wait-ms", type=float, help="in-process mode: batch fill deadline")
-    parser.add_argument("--log-level", help="debug, info, warning, error")
+    add_options(parser, SERVE_OPTIONS)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    settings = Settings.from_args(args, ("host", "port", "workers_inprocess", "redis_url",
-                                         "max_batch_size", "max_wait_ms", "log_level"))
+    settings = Settings.from_args(args, SERVE_OPTIONS)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,

@@ -2,13 +2,19 @@
 
 Every variable is `IPDFER_<FIELD>` (e.g. `IPDFER_MAX_BATCH_SIZE=8`); the Redis URL
 is also read from the conventional plain `REDIS_URL`. A `.env` file in the working
-directory is read too. Each default is documented beside its field; docs/configuration.md
-lists them with longer notes (`Settings.describe()` gives the rows).
+directory is read too. This class is the only place a serving default is declared:
+the command-line options of `ipdfer serve`, `worker` and `predict` are made from its
+fields (`add_options`), and the settings tables of the README and
+docs/configuration.md are printed from it (`ipdfer settings --markdown`;
+tests/test_config_docs.py compares).
 """
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import socket
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,10 +199,88 @@ class Settings(BaseSettings):
         return self.worker_name or f"{socket.gethostname()}-{os.getpid()}"
 
     @classmethod
-    def describe(cls) -> list[tuple[str, str, str]]:
-        """(environment variable, default, description) for each field: the README table."""
-        rows = []
-        for name, field in cls.model_fields.items():
-            env = f"IPDFER_{name.upper()}" + (" or REDIS_URL" if name == "redis_url" else "")
-            rows.append((env, repr(field.default), field.description or ""))
-        return rows
+    def variable(cls, name: str) -> str:
+        return f"IPDFER_{name.upper()}" + (" or REDIS_URL" if name == "redis_url" else "")
+
+    @classmethod
+    def shown_default(cls, name: str) -> str:
+        default = cls.model_fields[name].default
+        if default is None:
+            return "unset"
+        if isinstance(default, bool):
+            return str(default).lower()
+        return f"{default:g}" if isinstance(default, float) else str(default)
+
+    @classmethod
+    def markdown_table(cls, names: list[str] | None = None, short: bool = False) -> str:
+        """The settings as a Markdown table (`short`: each description's first sentence)."""
+        rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+        for name in names or list(cls.model_fields):
+            text = cls.model_fields[name].description or ""
+            text = first_sentence(text) if short else text
+            default = cls.shown_default(name)
+            variable = " or ".join(f"`{v}`" for v in cls.variable(name).split(" or "))
+            rows.append(f"| {variable} | {'unset' if default == 'unset' else f'`{default}`'} | "
+                        f"{text.replace('|', '/')} |")
+        return "\n".join(rows) + "\n"
+
+
+def first_sentence(text: str) -> str:
+    return re.split(r"(?<=[a-z0-9)])\. (?=[A-Z`])", text)[0].rstrip(".") + "."
+
+
+def _option_type(annotation: Any) -> tuple[Any, tuple | None]:
+    """(argparse type, choices) of a field's annotation: X | None -> X; Literal -> choices."""
+    kind = annotation
+    if typing.get_origin(kind) is not Literal:
+        kind = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+    if typing.get_origin(kind) is Literal:
+        return str, typing.get_args(kind)
+    if kind is bool:
+        return lambda v: v.lower() in ("1", "true", "yes", "on"), None
+    if kind is SecretStr:
+        return str, None
+    return kind, None
+
+
+# option spellings that differ from the field's (kept from earlier releases)
+OPTION_NAMES = {"worker_name": "--name", "torch_threads": "--threads"}
+
+
+def add_options(parser: argparse.ArgumentParser, names: tuple[str, ...], **spellings: tuple[str, ...]) -> None:
+    """One command-line option per setting in `names` (--field-name, OPTION_NAMES'
+    or `spellings[name]`), its help and default taken from the field; given options
+    override the environment (`Settings.from_args(args, names)`)."""
+    for name in names:
+        field = Settings.model_fields[name]
+        kind, choices = _option_type(field.annotation)
+        first = first_sentence(field.description or "").rstrip(".")
+        flags = spellings.get(name) or (OPTION_NAMES.get(name, "--" + name.replace("_", "-")),)
+        parser.add_argument(*flags, dest=name, type=kind,
+                            choices=choices, metavar=None if choices else "N" if kind is int else name.split("_")[-1].upper(),
+                            help=f"{first} ({Settings.variable(name)}, default {Settings.shown_default(name)})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`ipdfer settings`: the settings in effect here (environment, .env), or the tables."""
+    parser = argparse.ArgumentParser(prog="ipdfer settings")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--markdown", action="store_true", help="print every setting as a Markdown table")
+    parser.add_argument("--short", nargs="*", metavar="FIELD",
+                        help="with --markdown: only these settings, first sentences (the README's table)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(Settings.markdown_table(args.short or None, short=args.short is not None), end="")
+        return 0
+    settings = Settings()
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        shown = "(set)" if isinstance(value, SecretStr) else value
+        print(f"{Settings.variable(name).split()[0]}={'' if value is None else shown}")
+    return 0

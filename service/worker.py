@@ -29,7 +29,7 @@ from service.batching import BatchLoop, BatchPolicy, fair_share
 from service.metrics import WorkerMetrics
 from service.jobs import OP_RENDER, Job, Outcome, error_reply, job_cost
 from service.queue import QueuedJob, RedisQueue
-from service.settings import Settings
+from service.settings import Settings, add_options
 
 log = logging.getLogger(__name__)
 
@@ -139,23 +139,18 @@ class Worker:
 # --- ipdfer worker ------------------------------------------------------------------
 
 
+WORKER_OPTIONS = ("redis_url", "worker_name", "max_batch_size", "max_wait_ms", "device", "torch_threads",
+                  "metrics_port", "log_level")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", help="Redis URL (REDIS_URL / IPDFER_REDIS_URL)")
-    parser.add_argument("--name", dest="worker_name", help="consumer name (default host-pid)")
-    parser.add_argument("--max-batch-size", type=int, help="most jobs per batch (IPDFER_MAX_BATCH_SIZE)")
-    parser.add_argument("--max-wait-ms", type=float, help="batch fill deadline (IPDFER_MAX_WAIT_MS)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--threads", dest="torch_threads", type=int, help="torch CPU threads")
-    parser.add_argument("--metrics-port", type=int, help="serve this worker's Prometheus metrics here")
-    parser.add_argument("--log-level", help="debug, info, warning, error")
+    add_options(parser, WORKER_OPTIONS)
 
 
 def run(args: argparse.Namespace) -> int:
     from service.pipeline import Pipeline
 
-    names = ("redis_url", "worker_name", "max_batch_size", "max_wait_ms", "device", "torch_threads",
-             "metrics_port", "log_level")
-    settings = Settings.from_args(args, names)
+    settings = Settings.from_args(args, WORKER_OPTIONS)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:

@@ -94,3 +94,17 @@ def test_gpu_recipe_trains_the_shipped_architecture():
     for config in (shipped, built):
         config.pop("flip_tta", None)   # how predictions are served, not the architecture
     assert built == shipped
+
+
+def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path):
+    env = {**os.environ, "IPDFER_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "train", str(CONFIGS / "cpu_mnv2_render.json"),
+                           "--set", "loss.adversarial=0.07", "--epochs", "2", "--print-config",
+                           "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    want = load_train_config(CONFIGS / "cpu_mnv2_render.json", ["loss.adversarial=0.07"])
+    want.epochs = 2
+    assert printed == json.loads(json.dumps(to_dict(want)))
+    assert printed["loss"]["adversarial"] == 0.07 and printed["model"]["exp_backbone"] == "mobilenet_v2"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

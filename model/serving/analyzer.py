@@ -125,6 +125,7 @@ class Analyzer:
         return {"name": m["name"], "version": m["version"], "sha256": m["sha256"],
                 "device": self.plan.device, "precision": self.plan.precision, "runtime": self.plan.encoder_runtime,
                 "mirror_margin": self.plan.mirror_margin, "detector_runtime": self.plan.detector_runtime,
+                "threads": self.plan.threads,
                 "image_size": self.image_size, "trained": bool(m.get("trained", False))}
 
     @property

@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", type=Path, metavar="WEIGHTS_DIR",
                    help="start a new run from exported weights (e.g. weights/) instead of random "
                         "initialisation; ignored when the run already has a checkpoint to resume")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (its base chain, --set and the options applied) as JSON, and stop")
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -214,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"ipdfer train: config error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
     # 1. devices and processes -------------------------------------------------
     world = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world > 1
