@@ -153,9 +153,10 @@ async def predict(request: Request, options: Annotated[PredictOptions, Query()],
                   backend: BackendDep, metrics: MetricsDep) -> PredictOut:
     t0 = time.perf_counter()
     image = await read_upload(request, settings)
-    probe(image, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes, min_side=settings.min_image_side)
+    _, width, height = probe(image, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes,
+                             min_side=settings.min_image_side)
     reply = await backend.analyze(image, aligned=options.aligned, max_faces=options.max_faces,
-                                  neutral=options.neutral)
+                                  neutral=options.neutral, pixels=width * height)
     metrics.observe_reply(reply)
     return PredictOut(request_id=request_id(request), faces=reply["faces"],
                       faces_skipped=reply.get("faces_skipped", 0), image=reply["image"],
@@ -188,8 +189,10 @@ async def neutralize_face(
 async def neutralize_image(request: Request, options: Annotated[NeutralizeOptions, Query()],
                            settings: SettingsDep, backend: BackendDep, metrics: MetricsDep) -> Response:
     image = await read_upload(request, settings)
-    probe(image, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes, min_side=settings.min_image_side)
-    reply = await backend.analyze(image, aligned=options.aligned, max_faces=1, largest=True, neutral=True)
+    _, width, height = probe(image, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes,
+                             min_side=settings.min_image_side)
+    reply = await backend.analyze(image, aligned=options.aligned, max_faces=1, largest=True, neutral=True,
+                                  pixels=width * height)
     metrics.observe_reply(reply)
     if not reply["faces"]:
         raise JobError("no_face", "no face was found in the image")

@@ -31,7 +31,7 @@ class Backend(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None, neutral: bool,
-                      largest: bool = False) -> dict[str, Any]: ...
+                      largest: bool = False, pixels: int | None = None) -> dict[str, Any]: ...
     async def render(self, face_id: str, kind: str) -> dict[str, Any]: ...
     async def readiness(self) -> dict[str, Any]: ...
     async def stats(self) -> dict[str, int | None]: ...
@@ -147,9 +147,9 @@ class InProcessBackend:
         return _check(outcome.reply)
 
     async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None, neutral: bool,
-                      largest: bool = False) -> dict[str, Any]:
+                      largest: bool = False, pixels: int | None = None) -> dict[str, Any]:
         return await self._call(Job(op=OP_ANALYZE, image=image, aligned=aligned, max_faces=max_faces,
-                                    largest=largest, neutral=neutral, enqueued=time.time()))
+                                    largest=largest, neutral=neutral, enqueued=time.time(), pixels=pixels))
 
     async def render(self, face_id: str, kind: str) -> dict[str, Any]:
         state = self.faces.get(face_id)
@@ -192,9 +192,9 @@ class RedisBackend:
         return _check(reply)
 
     async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None, neutral: bool,
-                      largest: bool = False) -> dict[str, Any]:
+                      largest: bool = False, pixels: int | None = None) -> dict[str, Any]:
         return await self._submit({"op": OP_ANALYZE, "aligned": aligned, "max_faces": max_faces,
-                                   "largest": largest, "neutral": neutral}, image)
+                                   "largest": largest, "neutral": neutral, "pixels": pixels}, image)
 
     async def render(self, face_id: str, kind: str) -> dict[str, Any]:
         from redis.exceptions import RedisError

@@ -45,13 +45,14 @@ class Job:
     state: bytes | None = None       # render: FaceState bytes (None: unknown/expired)
     kind: str = "neutral"            # render: "neutral" | "residue"
     enqueued: float | None = None    # wall-clock time the client queued it (queue_ms)
+    pixels: int | None = None        # analyze: width x height, from the API edge's header probe
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], image: bytes, state: bytes | None = None) -> Job:
         return cls(op=meta.get("op", OP_ANALYZE), image=image, aligned=bool(meta.get("aligned")),
                    max_faces=meta.get("max_faces"), largest=bool(meta.get("largest")),
                    neutral=bool(meta.get("neutral")), state=state,
-                   kind=meta.get("kind", "neutral"), enqueued=meta.get("enqueued"))
+                   kind=meta.get("kind", "neutral"), enqueued=meta.get("enqueued"), pixels=meta.get("pixels"))
 
 
 @dataclass
@@ -77,11 +78,14 @@ def image_error_kind(exc: BaseException) -> str | None:
 
 
 def job_cost(job: Job) -> float:
-    """Pixels of a photo to search for faces (header only); 0 for face crops, renders
-    and unreadable data. The batching loops run costly jobs alone (BatchPolicy)."""
+    """Pixels of a photo to search for faces (as the API edge probed them, else from
+    the header); 0 for face crops, renders and unreadable data. The batching loops
+    run costly jobs alone (BatchPolicy)."""
     from model.images import ImageError, probe
     if job.op != OP_ANALYZE or job.aligned:
         return 0.0
+    if job.pixels is not None:
+        return float(job.pixels)
     try:
         _, width, height = probe(job.image)
     except ImageError:  # the decoder answers for it, at its header check

@@ -233,8 +233,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = Settings.from_args(args, SERVE_OPTIONS)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.configure_logging()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=10,
                 timeout_keep_alive=5, limit_concurrency=settings.max_connections,

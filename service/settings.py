@@ -177,6 +177,10 @@ class Settings(BaseSettings):
         threads = self.torch_threads or (None if cuda else max(1, cores // loops))
         return loops, threads
 
+    def configure_logging(self) -> None:
+        import logging
+        logging.basicConfig(level=self.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
     def plan_options(self) -> dict[str, Any]:
         """What `ServingPlan.resolve` takes from the settings (threads: torch's count,
         set by the caller before the model loads)."""

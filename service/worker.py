@@ -151,8 +151,7 @@ def run(args: argparse.Namespace) -> int:
     from service.pipeline import Pipeline
 
     settings = Settings.from_args(args, WORKER_OPTIONS)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.configure_logging()
     if not settings.redis_url:
         log.error("ipdfer worker needs a Redis URL (REDIS_URL or --redis-url); without one, "
                   "`ipdfer serve` runs the model in-process")

@@ -338,6 +338,9 @@ def test_job_cost_is_the_pixels_of_a_photo_to_search():
     assert job_cost(Job(image=buf.getvalue(), aligned=True)) == 0      # a face crop: no search
     assert job_cost(Job(op=OP_RENDER, state=b"x")) == 0
     assert job_cost(Job(image=b"not an image")) == 0
+    # the API edge's probe travels with the job: the header is not parsed again
+    assert job_cost(Job(image=b"not parsed", pixels=640 * 480)) == 640 * 480
+    assert Job.from_meta({"op": "analyze", "pixels": 77}, b"").pixels == 77
 
 
 def test_heap_trimmer_trims_at_most_once_per_interval():

@@ -67,9 +67,8 @@ class FaceDetector:
         self.mtcnn = MTCNN(keep_all=True, device=device, min_face_size=min_face_size)
         channels_last(self.mtcnn)
         # what runs MTCNN's three networks: given (the serving plan's ONNX Runtime
-        # graphs, shared by an Analyzer's detectors), else facenet-pytorch's own
+        # graphs, or another detector's), else facenet-pytorch's own
         self.nets: Nets = nets if nets is not None else TorchNets(self.mtcnn)
-        self.shared_nets = nets
         self.min_face_size = min_face_size
         self.min_score = min_score
         self.max_side = max_side

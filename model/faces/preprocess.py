@@ -156,8 +156,8 @@ class FacePipeline:
     @property
     def crops(self) -> CropLocator:
         if self._crops is None:  # its own detectors, as `ipdfer prepare` located training crops,
-            # with MTCNN's networks run as the pipeline's detector runs them
-            self._crops = CropLocator(device=self.device, nets=self.detector.shared_nets)
+            # with the pipeline's detector's networks (one set of weights or sessions)
+            self._crops = CropLocator(device=self.device, nets=self.detector.nets)
         return self._crops
 
     def _face(self, image: np.ndarray, landmarks: np.ndarray,
