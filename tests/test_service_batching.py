@@ -356,3 +356,40 @@ def test_heap_trimmer_trims_at_most_once_per_interval():
     assert t.maybe_trim() and len(trims) == 2
     assert not HeapTrimmer(0.0, trim=lambda pad: trims.append(pad) or 1, clock=lambda: 99.0).maybe_trim()
     assert _glibc_trim() is not None   # this machine's C library has it: the real trim is wired
+
+
+def test_the_batch_loop_runs_source_prepare_function_and_sink_in_order():
+    """The one loop the in-process batcher and the Redis worker both run: prepare
+    drops what needs no answer, costly items go alone after the rest, the sink gets
+    each call's items as soon as that call is done, a raising slot fails alone."""
+    import concurrent.futures
+
+    from service.batching import BatchLoop
+
+    calls, sunk, sizes = [], [], []
+
+    def fn(items):
+        calls.append(list(items))
+        return [ValueError("bad") if i == 13 else i * 10 for i in items]
+
+    async def prepare(batch):
+        kept = [i for i in batch if i != 0]     # 0: its client went away
+        return kept, kept
+
+    async def sink(items, results):
+        sunk.append((list(items), [r if not isinstance(r, Exception) else "error" for r in results]))
+
+    async def go():
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            loop = BatchLoop(ScriptedSource([[0, 1, 500, 13, 2]]), fn,
+                             BatchPolicy(max_batch_size=8, max_wait_s=0.0, cost=lambda i: i, alone_above=100),
+                             sink, executor=pool, prepare=prepare, on_batch=lambda n, s: sizes.append(n))
+            assert await loop.run_once() == 5
+            assert loop.held == 0
+            assert await loop.run_once() == 0      # nothing more came
+            assert await loop.run_once([7]) == 1   # a batch handed in (reclaimed jobs)
+
+    run(go())
+    assert calls == [[1, 13, 2], [500], [7]]
+    assert sunk == [([1, 13, 2], [10, "error", 20]), ([500], [5000]), ([7], [70])]
+    assert sizes == [3, 1, 1]
