@@ -14,6 +14,8 @@ Nothing here is CPU- or CUDA-specific: the service picks its device.
     .venv/bin/python benchmarks/load.py --clients 1,16 --batch-sizes 16,1 --requests 96 --rounds 4
     .venv/bin/python benchmarks/load.py --clients 1,16 --batch-sizes 16,1 --requests 96 --rounds 2 \
         --baseline-env IPDFER_RUNTIME=torch,IPDFER_MIN_FACE_SIZE=20
+    git worktree add /tmp/before <commit> && .venv/bin/python benchmarks/load.py --clients 1,16 \
+        --batch-sizes 16 --requests 96 --rounds 2 --baseline-root /tmp/before   # code before/after
 """
 from __future__ import annotations
 
@@ -77,10 +79,10 @@ class Service:
     """The API (and, in redis mode, redis-server + workers) as child processes."""
 
     def __init__(self, mode: str, max_batch_size: int, max_wait_ms: float, workers: int, logdir: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, root: Path = ROOT) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.mode, self.workers, self.logdir = mode, workers, logdir
+        self.mode, self.workers, self.logdir, self.root = mode, workers, logdir, root
         self.env = {**os.environ, "IPDFER_MAX_BATCH_SIZE": str(max_batch_size),
                     "IPDFER_MAX_WAIT_MS": str(max_wait_ms), "IPDFER_REQUEST_TIMEOUT_S": "600",
                     "IPDFER_QUEUE_MAXLEN": "1024", "IPDFER_LOG_LEVEL": "warning",
@@ -91,7 +93,8 @@ class Service:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.logdir / f"{name}-{self.port}.log", "wb")
-        self.procs.append(subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        # `python -m` puts the working folder first on sys.path: the code of `root` runs
+        self.procs.append(subprocess.Popen(args, cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT))
 
     def start(self, timeout: float = 600) -> dict:
         py = [sys.executable, "-m", "service.cli"]
@@ -133,8 +136,8 @@ class Service:
 
 @contextmanager
 def running(mode: str, max_batch_size: int, max_wait_ms: float, workers: int, logdir: Path,
-            env: dict[str, str] | None = None) -> Iterator[tuple[str, dict]]:
-    svc = Service(mode, max_batch_size, max_wait_ms, workers, logdir, env)
+            env: dict[str, str] | None = None, root: Path = ROOT) -> Iterator[tuple[str, dict]]:
+    svc = Service(mode, max_batch_size, max_wait_ms, workers, logdir, env, root)
     try:
         ready = svc.start()
         yield svc.url, ready
@@ -250,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-env", metavar="NAME=VALUE,...",
                    help="also run every configuration with these settings (e.g. IPDFER_RUNTIME=torch,"
                         "IPDFER_MIN_FACE_SIZE=20), in the same run, and print the ratios to it")
+    p.add_argument("--baseline-root", type=Path, metavar="DIR",
+                   help="also run every configuration with the code of this checkout (e.g. a git worktree of an "
+                        "earlier commit), in the same run, and print the ratios to it")
     p.add_argument("--rounds", type=int, default=1, help="run each level this many times, the configurations' "
                    "order reversed every other round (A B, B A, ...), and pool them")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEGs to send")
@@ -288,16 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="ipdfer-bench-") as logdir, ExitStack() as stack:
             targets = {}
-            variants = {"": {}}
-            if args.baseline_env:
-                variants[BASELINE] = dict(kv.split("=", 1) for kv in args.baseline_env.split(","))
-                meta["baseline_env"] = variants[BASELINE]
-            for suffix, env in variants.items():
+            variants = {"": ({}, ROOT)}
+            if args.baseline_env or args.baseline_root:
+                env = dict(kv.split("=", 1) for kv in args.baseline_env.split(",")) if args.baseline_env else {}
+                variants[BASELINE] = (env, (args.baseline_root or ROOT).resolve())
+                meta["baseline_env"] = {**env, **({"code": str(args.baseline_root)} if args.baseline_root else {})}
+            for suffix, (env, root) in variants.items():
                 for b in [int(x) for x in args.batch_sizes.split(",")]:
                     config = f"batch<={b}" + (f",wait={args.max_wait_ms:g}ms" if b > 1 else "") + suffix
                     print(f"starting {args.mode} service with {config} ...", file=sys.stderr, flush=True)
                     url, ready = stack.enter_context(running(args.mode, b, args.max_wait_ms, args.workers,
-                                                             Path(logdir), env))
+                                                             Path(logdir), env, root))
                     meta["device"] = ready["workers"][0].get("device")
                     targets[config] = url
             measure(targets)
