@@ -230,7 +230,7 @@ class Settings(BaseSettings):
 
 
 def first_sentence(text: str) -> str:
-    return re.split(r"(?<=[a-z0-9)])\. (?=[A-Z`])", text)[0].rstrip(".") + "."
+    return re.split(r"(?<!e\.g)(?<=[A-Za-z0-9)'])\. (?=\S)", text)[0].rstrip(".") + "."
 
 
 def _option_type(annotation: Any) -> tuple[Any, tuple | None]:
