@@ -114,3 +114,36 @@ def test_cutmix_run_is_exactly_resumable_too(tmp_path):
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["net"]
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["net"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_balanced_sampling_draws_rare_groups_more_and_is_a_function_of_the_epoch():
+    from model.training.expression import sampling_weights
+    labels = np.array([0] * 90 + [1] * 10)
+    faces = Faces(labels=labels, aligned=np.zeros((100, 64, 64), np.uint8), raw=None, names=["a"])
+    assert sampling_weights(faces, 0.0) is None                   # a plain permutation
+    w = sampling_weights(faces, 1.0)
+    assert np.isclose(w[labels == 0].sum(), 0.5) and np.isclose(w[labels == 1].sum(), 0.5)
+    w = sampling_weights(faces, 0.5)                              # square root: 0.75 / 0.25
+    assert np.isclose(w[labels == 1].sum(), np.sqrt(10) / (np.sqrt(10) + np.sqrt(90)))
+    # groups are (data set, class): the same class in a second data set is its own group
+    two = dataclasses.replace(faces, source=np.array([0] * 80 + [1] * 20))
+    w = sampling_weights(two, 1.0)
+    assert np.isclose(w[two.source == 1].sum(), 2 / 3)            # (1,0) and (1,1) of three groups
+    recipe = tiny_recipe(batch_size=10, balance=1.0)
+    a, b = Batches(faces, recipe), Batches(faces, recipe)
+    ya = torch.cat([a(k)[1] for k in range(10)])
+    assert torch.equal(ya, torch.cat([b(k)[1] for k in range(10)]))   # exact resume: same draws
+    assert 0.3 < float((ya == 1).float().mean()) < 0.7                # 10% of faces, ~half the draws
+    plain = Batches(faces, tiny_recipe(batch_size=10))
+    assert sorted(torch.cat([plain(k)[1] for k in range(10)]).tolist()) == sorted(labels.tolist())
+
+
+def test_augment_option_changes_named_fields_only():
+    import argparse
+
+    from model.training.expression import parse_augment
+    aug = parse_augment("rotate=10,low_res=0.1,erase_area=0.02:0.1")
+    assert (aug.rotate, aug.low_res, aug.erase_area) == (10.0, 0.1, (0.02, 0.1))
+    assert aug.jpeg == Augment().jpeg
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown augmentation"):
+        parse_augment("rotation=10")

@@ -84,6 +84,10 @@ class Recipe:
     pct_start: float = 0.15       # one-cycle warm-up fraction
     label_smoothing: float = 0.1
     cutmix: float = 0.0           # probability that a batch is CutMix'ed (Yun et al. 2019) with its own shuffle
+    # sampling: each face drawn with weight n^-balance, n the faces of its (data set, class):
+    # 0 = every face once an epoch (a permutation); 0.5 = square-root balancing (rare classes
+    # and a small data set's classes drawn more, with replacement); 1 = every group alike
+    balance: float = 0.0
     ema_decay: float = 0.999
     bf16: bool = False            # autocast; on an AVX-512-BF16 EPYC a MobileNetV2 step was 1.9x SLOWER in bf16
     seed: int = 0
@@ -102,11 +106,13 @@ class Recipe:
 @dataclass
 class Faces:
     """Labelled faces of some splits: `aligned` as served, `raw` the data-set crop
-    (either may be None), both uint8 (N, 64, 64), labels int64 index into EXPRESSIONS."""
+    (either may be None), both uint8 (N, 64, 64), labels int64 index into EXPRESSIONS,
+    `source` each face's index into `names` (None: all from the first)."""
     labels: np.ndarray
     aligned: np.ndarray | None
     raw: np.ndarray | None
     names: list[str]
+    source: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -134,12 +140,13 @@ def load_faces(names: tuple[str, ...], views: str, cache_dir: Path | None = None
                root: Path | None = None) -> Faces:
     """The labelled faces of "dataset:split" names, in the prepare cache's order."""
     from model.data import datasets as datalib
-    labels, aligned, raw = [], [], []
-    for name in names:
+    labels, aligned, raw, source = [], [], [], []
+    for k, name in enumerate(names):
         dataset, split = name.split(":")
         faces = datalib.load_split(dataset, split, size=SIZE, cache_dir=cache_dir)
         keep = np.flatnonzero(faces.labels >= 0)
         labels.append(faces.labels[keep])
+        source.append(np.full(len(keep), k, np.int64))
         if views in ("aligned", "both"):
             aligned.append(np.asarray(faces.images)[keep])
         if views in ("raw", "both"):
@@ -148,7 +155,7 @@ def load_faces(names: tuple[str, ...], views: str, cache_dir: Path | None = None
                 raise FileNotFoundError("raw views read the data sets: set IPDFER_DATA or --data-root")
             raw.append(_raw_crops(dataset, [faces.paths[i] for i in keep], folder))
     cat = lambda parts: np.concatenate(parts) if parts else None  # noqa: E731
-    return Faces(np.concatenate(labels), cat(aligned), cat(raw), list(names))
+    return Faces(np.concatenate(labels), cat(aligned), cat(raw), list(names), np.concatenate(source))
 
 
 # 2. augmentation (every draw from one generator seeded by the step) ------------------
@@ -195,14 +202,28 @@ def augment_batch(x: torch.Tensor, aug: Augment, g: torch.Generator) -> torch.Te
     return x01 * 2 - 1
 
 
+def sampling_weights(faces: Faces, balance: float) -> np.ndarray | None:
+    """Per-face draw probabilities, n^-balance for n the faces of its (data set,
+    class), normalised; None for balance 0 (a plain permutation)."""
+    if balance == 0:
+        return None
+    source = faces.source if faces.source is not None else np.zeros(len(faces), np.int64)
+    group = source * 100 + faces.labels
+    _, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+    w = counts[inverse].astype(np.float64) ** -balance
+    return w / w.sum()
+
+
 class Batches:
-    """Step k of a run -> (images, labels): the epoch's permutation comes from
-    (seed, epoch), the faces' view and augmentation from (seed, step)."""
+    """Step k of a run -> (images, labels): the epoch's order comes from (seed,
+    epoch) (a permutation, or with `balance` a weighted draw with replacement),
+    the faces' view and augmentation from (seed, step)."""
 
     def __init__(self, faces: Faces, recipe: Recipe):
         self.faces, self.recipe = faces, recipe
         self.per_epoch = len(faces) // recipe.batch_size
         self._perm_epoch, self._perm = -1, None
+        self._weights = sampling_weights(faces, recipe.balance)
 
     def __len__(self) -> int:
         return self.per_epoch
@@ -211,7 +232,9 @@ class Batches:
         r, f = self.recipe, self.faces
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self._perm_epoch:
-            self._perm_epoch, self._perm = epoch, np.random.default_rng([r.seed, epoch]).permutation(len(f))
+            rng = np.random.default_rng([r.seed, epoch])
+            self._perm_epoch, self._perm = epoch, (rng.permutation(len(f)) if self._weights is None
+                                                   else rng.choice(len(f), len(f), p=self._weights))
         idx = np.sort(self._perm[i * r.batch_size:(i + 1) * r.batch_size])
         g = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
         views = [v for v in (f.aligned, f.raw) if v is not None]
@@ -420,6 +443,19 @@ def recipe_from_dict(d: dict) -> Recipe:
 
 # 6. command line -------------------------------------------------------------------------------
 
+def parse_augment(text: str) -> Augment:
+    """"rotate=10,low_res=0.1,erase_area=0.02:0.1" -> Augment with those fields changed."""
+    fields = {f.name: f for f in dataclasses.fields(Augment)}
+    changes = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise argparse.ArgumentTypeError(f"unknown augmentation {key!r}: one of {', '.join(fields)}")
+        changes[key] = (tuple(float(v) for v in value.split(":")) if key == "erase_area"
+                        else type(getattr(Augment(), key))(value))
+    return dataclasses.replace(Augment(), **changes)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="expression", help="run folder under the runs folder")
     p.add_argument("--run-dir", type=Path, help="run folder (default <cache>/runs/<name>)")
@@ -432,6 +468,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate-on", type=lambda v: tuple(v.split(",")) if v else (), default=(),
                    help="with --export: validation splits that choose the logit adjustment and the "
                         "temperature (e.g. fer2013:val,muxspace:val)")
+    p.add_argument("--augment", type=parse_augment, default=Augment(), metavar="KEY=VALUE,...",
+                   help="augmentation changes, e.g. rotate=10,low_res=0.1,erase=0.1 (fields of Augment; "
+                        "erase_area=0.02:0.1)")
     for f in dataclasses.fields(Recipe):
         if f.name in ("augment",):
             continue
@@ -451,7 +490,8 @@ def run(args: argparse.Namespace) -> int:
             if key in manifest:
                 print(key, json.dumps({k: v for k, v in manifest[key].items() if k not in ("sweep", "prior")}))
         return 0
-    recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if f.name != "augment"})
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if f.name != "augment"},
+                    augment=args.augment)
     if recipe.views not in ("aligned", "raw", "both"):
         print("ipdfer train-expression: --views is aligned, raw or both", file=sys.stderr)
         return 2
