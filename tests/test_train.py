@@ -169,7 +169,9 @@ def test_distillation_trains_a_one_pass_expression_encoder_and_nothing_else(smok
     assert not torch.equal(after[w].to(start[w].dtype), start[w])
     log = (run_dir / "log.csv").read_text().splitlines()
     distill = [float(row.split(",")[log[0].split(",").index("distill")]) for row in log[1:]]
-    assert distill and all(d > 0 for d in distill)
+    # a KL divergence: never below 0 but for float rounding (the first step's student is
+    # its teacher, whose mirror average can be all but its one pass), and it moves
+    assert distill and all(d > -1e-6 for d in distill) and max(distill) > 1e-4, distill
     # the export answers in one pass; its parent with the mirror pass
     assert main(["export", "--checkpoint", str(run_dir / "last.pt"), "--out", str(tmp_path / "student")]) == 0
     assert load_weights(tmp_path / "student").config.flip_tta is False
