@@ -612,3 +612,21 @@ def test_settings_from_command_line_options_override_only_what_was_given(monkeyp
     args = argparse.Namespace(port=9001, redis_url=None, batch_size=4)
     s = Settings.from_args(args, ("port", "redis_url"), max_batch_size="batch_size")
     assert (s.port, s.redis_url, s.max_batch_size, s.max_wait_ms) == (9001, None, 4, 7.0)
+
+
+def test_neutralize_renders_the_largest_face_alone(service_pipeline):
+    """POST /neutralize's job asks for the largest face (largest=True): the engine
+    aligns and renders that one face, not every face of the photo."""
+    from service.jobs import Job
+    face = Image.fromarray(astronaut()).crop((120, 0, 340, 260))          # the head, 220 x 260
+    canvas = Image.new("RGB", (900, 600), (90, 90, 90))
+    canvas.paste(face.resize((110, 130)), (40, 60))                       # small
+    canvas.paste(face.resize((330, 390)), (450, 120))                     # large
+    data = encode(np.asarray(canvas), "PNG")
+    every = service_pipeline([Job(image=data, neutral=True)])[0].reply
+    one = service_pipeline([Job(image=data, neutral=True, largest=True, max_faces=1)])[0].reply
+    assert len(every["faces"]) == 2 and all(f["neutral_png"] for f in every["faces"])
+    assert len(one["faces"]) == 1 and one["faces"][0]["neutral_png"]
+    area = lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])  # noqa: E731
+    assert one["faces"][0]["box"] == max(every["faces"], key=area)["box"]
+    assert one["faces_skipped"] == 1
