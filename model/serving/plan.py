@@ -12,7 +12,7 @@ This module imports torch only inside its functions: the service's settings
 validate precision and runtime names against it before any model loads."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -134,9 +134,6 @@ class ServingPlan:
                    detector_runtime=resolve_detector_runtime(device, threads, folder, runtime),
                    threads=threads, mirror_margin=check_margin(mirror_margin) if mirrored else 0.0,
                    mtcnn_folder=folder)
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "mtcnn_folder": str(self.mtcnn_folder)}
 
     def __str__(self) -> str:
         return (f"{self.device}, encoders {self.encoder_runtime} {self.precision}, MTCNN {self.detector_runtime}, "
