@@ -400,10 +400,11 @@ def train(recipe: Recipe, batches: Batches, run_dir: Path, val: dict[str, tuple[
 def export(run_dir: Path, base: Path, out: Path, version: str, calibrate_on: tuple[str, ...] = (),
            cache_dir: Path | None = None) -> dict:
     """The run's EMA E_exp and head inside a copy of `base`'s weights (pose encoder
-    and renderer kept). With `calibrate_on` (validation splits): the logit
+    and renderer kept; the renderer's expression input re-fitted to the new code,
+    model/training/code_map.py). With `calibrate_on` (validation splits): the logit
     adjustment's strength, then a temperature, both chosen there and folded in."""
     from model.nets.networks import IPDFER
-    from model.training import calibrate
+    from model.training import calibrate, code_map
     from model.training.export import split_hashes
     from model.weights import load_weights, save_weights
     ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
@@ -412,16 +413,26 @@ def export(run_dir: Path, base: Path, out: Path, version: str, calibrate_on: tup
     cfg = dataclasses.replace(loaded.config, exp_backbone=recipe.backbone, exp_input_size=recipe.input_size,
                               exp_dim=recipe.model_config().exp_dim, dropout=recipe.dropout)
     model = IPDFER(cfg)
+    replaced = ("exp_encoder.", "exp_head.", "class_bias")
+    code_weights = {f"decoder.{name}.weight" for name, m in loaded.model.decoder.named_modules()
+                    if m in code_map.code_layers(loaded.model)}
     state = {k: v for k, v in loaded.model.state_dict().items()
-             if not k.startswith(("exp_encoder.", "exp_head.", "class_bias"))}
+             if not k.startswith(replaced) and k not in code_weights}
     state.update(ckpt["ema"])
     state["class_bias"] = torch.zeros(cfg.num_classes)
-    model.load_state_dict(state)
+    missing = set(model.load_state_dict(state, strict=False).missing_keys)
+    assert missing == code_weights, f"unexpected missing weights: {sorted(missing ^ code_weights)}"
+    # the renderer's expression input speaks the old code: map the new one onto it
+    fit = load_faces(recipe.train_sets, "aligned", cache_dir)
+    pick = np.random.default_rng(0).choice(len(fit.labels), min(8000, len(fit.labels)), replace=False)
+    check = load_faces(recipe.val_sets, "aligned", cache_dir)
+    renderer_map = code_map.carry_renderer(loaded.model, model, fit.aligned[np.sort(pick)], check.aligned)
     model.eval()
     extra = {"training": {"expression_run": ckpt["recipe"], "step": ckpt["step"],
                           "rest_from": {k: loaded.manifest.get(k) for k in ("name", "version", "sha256")},
                           "rest_training": loaded.manifest.get("training"),
-                          "split_hashes": split_hashes([*recipe.train_sets, *recipe.val_sets])}}
+                          "split_hashes": split_hashes([*recipe.train_sets, *recipe.val_sets]),
+                          "renderer_code_map": renderer_map}}
     if calibrate_on:
         val = load_faces(calibrate_on, "aligned", cache_dir)
         from model.data.datasets import load_split  # the prior needs the labels, not the faces
