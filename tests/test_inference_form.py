@@ -2,7 +2,7 @@
 computes what the model computes."""
 import torch
 
-from model.nets.serving import inference_form
+from model.nets.serving import fold_batchnorm, inference_form
 from model.serving.analyzer import Analyzer
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
@@ -40,3 +40,22 @@ def test_every_batchnorm_of_both_shipped_encoders_is_folded():
         x = torch.rand(4, 1, model.cfg.image_size, model.cfg.image_size) * 2 - 1
         with torch.inference_mode():
             torch.testing.assert_close(served.encode(x)["probs"], model.encode(x)["probs"], atol=2e-5, rtol=1e-4)
+
+
+def test_a_faceres_expression_encoder_is_folded_too():
+    """The FaceRes backbone's ConvBN blocks fold like the others (random weights and
+    statistics: folding is checked, not the pretrained graph)."""
+    from model.nets.faceres import FaceResEncoder
+    torch.manual_seed(0)
+    enc = FaceResEncoder(64)
+    for m in enc.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+    enc.eval()
+    x = torch.rand(3, 1, 64, 64) * 2 - 1
+    with torch.inference_mode():
+        want = enc(x)
+        got = fold_batchnorm(enc)(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules())
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -80,6 +80,8 @@ def _same_pad(x: torch.Tensor, stride: int, kernel: int = 3) -> torch.Tensor:
 class ConvBN(nn.Module):
     """conv (no bias) -> BatchNorm -> ReLU6, with TF 'SAME' padding for 3x3."""
 
+    BN_PAIRS = (("conv", "bn"),)   # folded for serving (model/nets/serving.py)
+
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, groups: int = 1):
         super().__init__()
         self.stride, self.kernel = stride, kernel
