@@ -40,6 +40,21 @@ def test_the_ckplus_figure_is_the_reports():
     assert percents(readme_row("CK+ subject-disjoint test"))[0] == round(100 * splits["ckplus:test"]["accuracy"], 1)
 
 
+def test_the_fer2013_figures_are_the_reports():
+    accuracy, mean_class = fer2013_crops_row()
+    assert percents(readme_row("FER2013 PrivateTest"))[:2] == [round(100 * accuracy, 1), round(100 * mean_class, 1)]
+
+
+def test_the_muxspace_photo_figures_are_the_reports():
+    photos = json.loads((REPORT / "photo_accuracy_muxspace_test.json").read_text())["photos"]
+    row = percents(readme_row("muxspace person-disjoint test photos"))
+    assert row[:2] == [round(100 * photos["accuracy"], 1), round(100 * photos["mean_class_accuracy"], 1)]
+    recalls = re.findall(r"(\w+) (\d+\.\d)%", readme_row("muxspace person-disjoint test photos").split("recall")[1])
+    assert recalls, "the muxspace row quotes per-class recall"
+    for name, value in recalls:
+        assert float(value) == round(100 * photos["recall"][name], 1), name
+
+
 def test_a_changed_figure_is_caught(tmp_path, monkeypatch):
     """The comparison can fail: a report that says otherwise than the README."""
     (tmp_path / "fer2013_crops.txt").write_text(
