@@ -37,8 +37,12 @@ from model.fileio import atomic_write, atomic_write_text, sha256_file
 from model.weights import MANIFEST, LoadedWeights, load_weights
 
 INT8_FILE = "encoders.int8.onnx"
-# modules (torch names, as the exporter records them) left in fp32
-FLOAT_MODULES = ("model.exp_encoder.features.0", "model.exp_encoder.features.1", "model.exp_encoder.features.2")
+# modules (torch names, as the exporter records them) left in fp32, by E_exp backbone:
+# the first three layers, where int8 costs the most agreement
+FLOAT_MODULES = {
+    "mobilenet_v2": ("model.exp_encoder.features.0", "model.exp_encoder.features.1", "model.exp_encoder.features.2"),
+    "faceres": ("model.exp_encoder.layers.0", "model.exp_encoder.layers.1", "model.exp_encoder.layers.2"),
+}
 CALIBRATION_FACES, CHECK_FACES = 512, 256
 PERCENTILE = 99.999
 MIN_AGREEMENT = 0.95
@@ -76,15 +80,17 @@ def load_int8_encoders(weights: LoadedWeights, threads: int) -> OnnxEncoders:
                         fix=f": remake it ({REMAKE}) or use IPDFER_PRECISION=fp32")
 
 
-def float_nodes(graph) -> list[str]:
+def float_nodes(graph, backbone: str) -> list[str]:
     """Nodes kept in fp32: everything before the first convolution (the mirror
-    image and E_exp's upsampling of the input) and the nodes of FLOAT_MODULES."""
+    image and E_exp's upsampling of the input) and the nodes of the backbone's
+    FLOAT_MODULES."""
+    float_modules = FLOAT_MODULES.get(backbone, ())
     keep, seen_conv = [], False
     for node in graph.node:
         seen_conv = seen_conv or node.op_type == "Conv"
         meta = {p.key: p.value for p in node.metadata_props}
         scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
-        if not seen_conv or any(s in FLOAT_MODULES for s in scopes):
+        if not seen_conv or any(s in float_modules for s in scopes):
             keep.append(node.name)
     return keep
 
@@ -136,7 +142,8 @@ def export_int8(weights_dir: Path, calibration: Path, faces: int = CALIBRATION_F
             return {INPUT: calib[self.start - 32:self.start]}
 
     float_graph = loaded.directory / source["file"]
-    keep = float_nodes(onnx.load(str(float_graph)).graph)
+    backbone = loaded.config.exp_backbone
+    keep = float_nodes(onnx.load(str(float_graph)).graph, backbone)
     agreement = {}
 
     def save_checked(tmp: Path) -> None:  # a graph that fails the check never replaces the old one
@@ -167,7 +174,7 @@ def export_int8(weights_dir: Path, calibration: Path, faces: int = CALIBRATION_F
              "source_sha256": loaded.manifest["sha256"], "float_graph_sha256": source["sha256"],
              "onnxruntime": ort.__version__,
              "calibration": {"folder": Path(calibration).name, "faces": len(calib), "percentile": PERCENTILE},
-             "float_modules": list(FLOAT_MODULES), "float_nodes": len(keep), "check": agreement}
+             "float_modules": list(FLOAT_MODULES.get(backbone, ())), "float_nodes": len(keep), "check": agreement}
     manifest = {**loaded.manifest, "onnx_int8": entry}
     atomic_write_text(weights_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return entry

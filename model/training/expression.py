@@ -424,9 +424,11 @@ def export(run_dir: Path, base: Path, out: Path, version: str, calibrate_on: tup
     assert missing == code_weights, f"unexpected missing weights: {sorted(missing ^ code_weights)}"
     # the renderer's expression input speaks the old code: map the new one onto it
     fit = load_faces(recipe.train_sets, "aligned", cache_dir)
-    pick = np.random.default_rng(0).choice(len(fit.labels), min(8000, len(fit.labels)), replace=False)
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(len(fit.labels), min(8000, len(fit.labels)), replace=False))
     check = load_faces(recipe.val_sets, "aligned", cache_dir)
-    renderer_map = code_map.carry_renderer(loaded.model, model, fit.aligned[np.sort(pick)], check.aligned)
+    held = np.sort(rng.choice(len(check.labels), min(3000, len(check.labels)), replace=False))
+    renderer_map = code_map.carry_renderer(loaded.model, model, fit.aligned[pick], check.aligned[held])
     model.eval()
     extra = {"training": {"expression_run": ckpt["recipe"], "step": ckpt["step"],
                           "rest_from": {k: loaded.manifest.get(k) for k in ("name", "version", "sha256")},
