@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import logging
 import time
 from typing import Annotated, Any, AsyncIterator
 
@@ -16,14 +17,16 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.backend import Backend
-from service.errors import JobError
+from service.errors import RETRY_LATER, JobError, ResultTimeout, http_status
 from service.images import probe
 from service.metrics import ApiMetrics
 from service.schemas import (
-    ErrorOut, HealthOut, NeutralizeOptions, PredictOptions, PredictOut, ReadyOut, RenderKind,
-    ValidationErrorOut,
+    BatchItemOut, BatchOut, ErrorOut, HealthOut, NeutralizeOptions, PredictOptions, PredictOut, ReadyOut,
+    RenderKind, ValidationErrorOut,
 )
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # --- dependencies ------------------------------------------------------------------
 
@@ -81,6 +84,10 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     **{t: {"schema": {"type": "string", "format": "binary"}}
        for t in ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")},
 }}}
+_BATCH_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "The images, one part each (any field name; the parts' order is kept)."}}}}}}}
 _PNG = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
 
 # --- reading an upload -----------------------------------------------------------
@@ -137,6 +144,48 @@ async def read_upload(request: Request, settings: Settings) -> bytes:
                              "(field 'file') or as a raw image/* or application/octet-stream body")
 
 
+async def read_uploads(request: Request, settings: Settings) -> list[tuple[str | None, bytes]]:
+    """The (filename, bytes) of every file part of a multipart body, in order."""
+    limit, most = settings.batch_max_bytes, settings.batch_max_images
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise HTTPException(413, f"request body is {int(length):,} bytes; the batch limit is {limit:,}")
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "multipart/form-data":
+        raise HTTPException(415, f"unsupported body type {media!r}: send the images as multipart/form-data, "
+                                 "one file part each")
+    parser = MultiPartParser(request.headers, _limited(request, limit, settings.body_timeout_s),
+                             max_files=most, max_fields=16, max_part_size=64 * 1024)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        if "Too many files" in e.message:
+            raise HTTPException(413, f"more than {most} images in one batch: send at most {most} "
+                                     "(IPDFER_BATCH_MAX_IMAGES)") from None
+        raise HTTPException(400, f"malformed multipart body: {e.message}") from None
+    try:
+        uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not uploads:
+            raise HTTPException(400, "the multipart body has no file part; send each image as a file part")
+        return [(u.filename, await u.read()) for u in uploads]
+    finally:
+        await form.close()
+
+
+async def _analyze(image: bytes, options: PredictOptions, settings: Settings, backend: Backend,
+                   metrics: ApiMetrics, rid: str, t0: float) -> PredictOut:
+    """One image through the backend, as POST /predict answers it (errors raised)."""
+    _, width, height = probe(image, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes,
+                             min_side=settings.min_image_side)
+    reply = await backend.analyze(image, aligned=options.aligned, max_faces=options.max_faces,
+                                  neutral=options.neutral, pixels=width * height)
+    metrics.observe_reply(reply)
+    return PredictOut(request_id=rid, faces=reply["faces"],
+                      faces_skipped=reply.get("faces_skipped", 0), image=reply["image"],
+                      model=reply["model"], worker=reply["worker"], batch_size=reply["batch_size"],
+                      timings={**reply["timings"], "total_ms": round((time.perf_counter() - t0) * 1000, 2)})
+
+
 def _png(data: bytes, rid: str, **headers: str) -> Response:
     return Response(content=data, media_type="image/png", headers={"X-Request-ID": rid, **headers})
 
@@ -153,15 +202,39 @@ async def predict(request: Request, options: Annotated[PredictOptions, Query()],
                   backend: BackendDep, metrics: MetricsDep) -> PredictOut:
     t0 = time.perf_counter()
     image = await read_upload(request, settings)
-    _, width, height = probe(image, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes,
-                             min_side=settings.min_image_side)
-    reply = await backend.analyze(image, aligned=options.aligned, max_faces=options.max_faces,
-                                  neutral=options.neutral, pixels=width * height)
-    metrics.observe_reply(reply)
-    return PredictOut(request_id=request_id(request), faces=reply["faces"],
-                      faces_skipped=reply.get("faces_skipped", 0), image=reply["image"],
-                      model=reply["model"], worker=reply["worker"], batch_size=reply["batch_size"],
-                      timings={**reply["timings"], "total_ms": round((time.perf_counter() - t0) * 1000, 2)})
+    return await _analyze(image, options, settings, backend, metrics, request_id(request), t0)
+
+
+@router.post("/predict/batch", response_model=BatchOut, tags=["inference"],
+             responses={k: v for k, v in _IMAGE_ERRORS.items() if k in (400, 401, 413, 415, 422)},
+             openapi_extra=_BATCH_BODY, dependencies=[Depends(require_api_key)],
+             summary="POST /predict for several images in one request, each answered in order")
+async def predict_batch(request: Request, options: Annotated[PredictOptions, Query()], settings: SettingsDep,
+                        backend: BackendDep, metrics: MetricsDep) -> BatchOut:
+    """Each image is its own job (in Redis mode several workers share a batch) and
+    gets its own result or its own error: a broken image fails itself only. The
+    answer is 200 once the request was read; each entry's `status` is what
+    POST /predict would have answered for that image."""
+    t0 = time.perf_counter()
+    rid = request_id(request)
+    uploads = await read_uploads(request, settings)
+
+    async def one(index: int, filename: str | None, image: bytes) -> BatchItemOut:
+        try:
+            result = await _analyze(image, options, settings, backend, metrics, f"{rid}/{index}", t0)
+            return BatchItemOut(index=index, filename=filename, status=200, result=result)
+        except (JobError, ResultTimeout, *RETRY_LATER) as e:
+            if isinstance(e, JobError) and e.kind == "dead_letter":
+                metrics.dead_lettered.inc()
+            return BatchItemOut(index=index, filename=filename, status=http_status(e), detail=str(e))
+        except Exception as e:  # noqa: BLE001 - one image's failure must not fail its neighbours
+            log.exception("batch image %d failed", index)
+            return BatchItemOut(index=index, filename=filename, status=500,
+                                detail=f"internal error: {type(e).__name__}")
+
+    results = await asyncio.gather(*(one(i, name, data) for i, (name, data) in enumerate(uploads)))
+    return BatchOut(request_id=rid, images=len(results), succeeded=sum(r.status == 200 for r in results),
+                    results=results)
 
 
 @router.get("/neutralize", tags=["inference"], response_class=Response,

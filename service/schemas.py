@@ -103,6 +103,22 @@ class PredictOut(BaseModel):
     timings: Timings
 
 
+class BatchItemOut(BaseModel):
+    index: int = Field(ge=0, description="Position of the image in the request (0-based).")
+    filename: str | None = Field(description="The part's filename, when the client sent one.")
+    status: int = Field(description="The HTTP status POST /predict would have answered for this image "
+                                    "alone (200 = `result` is set; otherwise `detail` says why).")
+    detail: str | None = Field(None, description="Why this image failed.")
+    result: PredictOut | None = Field(None, description="The image's analysis, as POST /predict answers it.")
+
+
+class BatchOut(BaseModel):
+    request_id: str
+    images: int = Field(description="Images received.")
+    succeeded: int = Field(description="Images analysed (status 200).")
+    results: list[BatchItemOut] = Field(description="One entry per image, in the request's order.")
+
+
 class ErrorOut(BaseModel):
     detail: str = Field(description="What went wrong, readable by a person.")
 

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     # --- request limits -----------------------------------------------------------
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body, "
                                 "enforced while reading (413).")
+    batch_max_images: int = Field(32, ge=1, le=256, description="POST /predict/batch: most images in "
+                                  "one request (413 beyond).")
+    batch_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="POST /predict/batch: largest "
+                                 "request body (413); each image also keeps max_body_bytes.")
     body_timeout_s: float = Field(30.0, gt=0, description="Longest a client may take to send its request "
                                   "body (408 after).")
     header_timeout_s: float = Field(10.0, gt=0, description="`ipdfer serve`: longest a client may take "

@@ -630,3 +630,59 @@ def test_neutralize_renders_the_largest_face_alone(service_pipeline):
     area = lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])  # noqa: E731
     assert one["faces"][0]["box"] == max(every["faces"], key=area)["box"]
     assert one["faces_skipped"] == 1
+
+
+def test_a_batch_answers_each_image_in_order_and_a_broken_one_fails_alone(service_pipeline):
+    photos = astronaut_jpegs(3)
+    broken = photos[0][: len(photos[0]) // 2]
+    parts = [("files", ("a.jpg", photos[0], "image/jpeg")), ("files", ("broken.jpg", broken, "image/jpeg")),
+             ("files", ("b.jpg", photos[1], "image/jpeg")), ("files", ("blank.png", encode(
+                 np.full((64, 64, 3), 200, np.uint8), "PNG"), "image/png")),
+             ("files", ("bomb.png", png_header_bomb(), "image/png")), ("files", ("c.jpg", photos[2], "image/jpeg"))]
+
+    async def go():
+        async with app_client(settings(), [service_pipeline]) as c:
+            r = await c.post("/predict/batch", files=parts, headers={"X-Request-ID": "b-1"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["images"] == 6 and body["succeeded"] == 4
+            items = body["results"]
+            assert [i["index"] for i in items] == list(range(6))
+            assert [i["filename"] for i in items] == [name for _, (name, _, _) in parts]
+            assert [i["status"] for i in items] == [200, 400, 200, 200, 413, 200]
+            assert "truncated" in items[1]["detail"] or "decode" in items[1]["detail"]
+            assert items[1]["result"] is None and items[4]["result"] is None
+            assert items[3]["result"]["faces"] == []   # no face is a result, as with /predict
+            # each image's result is what POST /predict answers for it alone
+            for k, data in ((0, photos[0]), (2, photos[1]), (5, photos[2])):
+                assert_valid_prediction(items[k]["result"], 224, 224)
+                assert items[k]["result"]["request_id"] == f"b-1/{k}"
+                single = (await c.post("/predict", content=data, headers={"content-type": "image/jpeg"})).json()
+                got = [f["expression"]["probabilities"] for f in items[k]["result"]["faces"]]
+                want = [f["expression"]["probabilities"] for f in single["faces"]]
+                assert len(got) == len(want) >= 1
+                for g, w in zip(got, want):
+                    assert max(abs(g[c] - w[c]) for c in g) < 1e-3
+            assert max(i["result"]["batch_size"] for i in items if i["result"]) > 1   # batched together
+    run(go())
+
+
+def test_a_batch_over_its_limits_or_of_the_wrong_type_is_refused(service_pipeline):
+    photo = astronaut_jpegs(1)[0]
+
+    async def go():
+        async with app_client(settings(batch_max_images=2, batch_max_bytes=4096 + 3 * len(photo)),
+                              [service_pipeline]) as c:
+            r = await c.post("/predict/batch", files=[("files", (f"{i}.jpg", photo, "image/jpeg")) for i in range(3)])
+            assert r.status_code == 413 and "at most 2" in r.json()["detail"]
+            big = [("files", ("a.jpg", photo, "image/jpeg")),
+                   ("files", ("pad.bin", b"\0" * (4 * len(photo)), "application/octet-stream"))]
+            r = await c.post("/predict/batch", files=big)
+            assert r.status_code == 413 and "batch limit" in r.json()["detail"], r.text
+            r = await c.post("/predict/batch", content=photo, headers={"content-type": "image/jpeg"})
+            assert r.status_code == 415 and "multipart" in r.json()["detail"]
+            r = await c.post("/predict/batch", data={"note": "no files"}, files=[])
+            assert r.status_code in (400, 415), r.text
+            r = await c.post("/predict/batch", files=[("files", ("x.jpg", photo, "image/jpeg"))])
+            assert r.status_code == 200 and r.json()["succeeded"] == 1
+    run(go())

@@ -144,6 +144,19 @@ def test_two_workers_share_the_load(cluster):
     assert max(r.json()["batch_size"] for r in rs) > 1
 
 
+def test_a_batch_fans_out_to_both_workers_and_a_broken_image_fails_alone(cluster):
+    photos = astronaut_jpegs(16)
+    parts = [("files", (f"{i}.jpg", jpg, "image/jpeg")) for i, jpg in enumerate(photos)]
+    parts.insert(5, ("files", ("broken.jpg", photos[0][:len(photos[0]) // 2], "image/jpeg")))
+    r = httpx.post(f"{cluster.url}/predict/batch", files=parts, timeout=120)
+    assert r.status_code == 200, r.text
+    items = r.json()["results"]
+    assert [i["status"] for i in items] == [200] * 5 + [400] + [200] * 11
+    assert "truncated" in items[5]["detail"]   # decoded, and refused, by a worker
+    assert {i["result"]["worker"] for i in items if i["result"]} == set(WORKERS)
+    assert all(cluster.procs[w].poll() is None for w in WORKERS)
+
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 def test_malformed_inputs_get_4xx_and_workers_stay_up(cluster):
     async def go():
