@@ -29,6 +29,13 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
 MAX_BYTES = 32 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 SEND = "send JPEG, PNG, WebP, BMP or TIFF"
+# file names a folder's images are found by (`ipdfer predict DIR`, int8 calibration)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images under `folder` (recursive), by name, in sorted order."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 class ImageError(ValueError):

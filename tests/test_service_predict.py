@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from PIL import Image
 
 from service import cli
@@ -44,3 +45,20 @@ def test_ipdfer_predict_command(service_pipeline, tmp_path, capsys, monkeypatch)
     assert body["file"].endswith("face.png") and len(body["faces"]) == 1 and body["faces"][0]["box"] is None
     assert cli.main(["predict", str(tmp_path / "nope.jpg")]) == 1  # every file failed
     assert "cannot read" in capsys.readouterr().out
+
+
+def test_a_folder_stands_for_the_images_under_it(service_pipeline, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Pipeline, "load", classmethod(lambda cls, settings, worker="": service_pipeline))
+    (tmp_path / "set" / "b").mkdir(parents=True)
+    jpgs = astronaut_jpegs(2)
+    (tmp_path / "set" / "b" / "two.jpg").write_bytes(jpgs[1])
+    (tmp_path / "set" / "one.JPG").write_bytes(jpgs[0])
+    (tmp_path / "set" / "notes.txt").write_text("not an image")
+    assert cli.main(["predict", str(tmp_path / "set")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["file"] for line in lines] == [str(tmp_path / "set" / "b" / "two.jpg"),
+                                                str(tmp_path / "set" / "one.JPG")]
+    assert all(line["faces"] for line in lines)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images"):
+        cli.main(["predict", str(tmp_path / "empty")])

@@ -46,7 +46,6 @@ FLOAT_MODULES = {
 CALIBRATION_FACES, CHECK_FACES = 512, 256
 PERCENTILE = 99.999
 MIN_AGREEMENT = 0.95
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 REMAKE = "ipdfer export-onnx --int8-calibration <folder of face crops>"
 
 
@@ -99,8 +98,8 @@ def calibration_faces(folder: Path, weights: LoadedWeights, count: int, seed: in
     """The encoders' input for `count` face crops drawn (seeded) from `folder`,
     aligned as the service aligns `aligned=true` crops."""
     from model import faces as facelib
-    from model.images import load_image
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    from model.images import image_files, load_image
+    files = image_files(folder)
     if len(files) < count:
         raise ValueError(f"{folder} holds {len(files)} images; {count} face crops are needed")
     random.Random(seed).shuffle(files)
