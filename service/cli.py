@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.server", "run the HTTP API (in-process queue without REDIS_URL)"),
     "worker": ("service.worker", "run a batching model worker on the Redis queue"),
     "predict": ("service.predict", "run the pipeline on files without a server (JSON lines)"),
+    "video": ("model.video.cli", "analyse a video: per-face tracks, smoothed expressions, CSV"),
     "settings": ("service.settings", "print the service's settings in effect, or (--markdown) the settings table"),
 }
 

@@ -247,6 +247,14 @@ class Analyzer:
                     batch.append(exc)
             return batch
 
+    @torch.inference_mode()
+    def identities(self, states: list[FaceState]) -> np.ndarray:
+        """(N,128) identity descriptors of the faces (the frozen dlib network; same
+        person when closer than 0.6), e.g. to keep a person's track in a video."""
+        if not states:
+            return np.zeros((0, 128), np.float32)
+        return self._identity_codes([s.chip for s in states]).float().cpu().numpy()
+
     def render(self, states: list[FaceState], kind: str = "neutral") -> list[bytes]:
         """PNG per state: the neutral render, or the residue heatmap."""
         if kind not in ("neutral", "residue"):
