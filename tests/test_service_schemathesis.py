@@ -76,4 +76,4 @@ def test_openapi_contract(api_url, mode):
             assert mode == GenerationMode.NEGATIVE
             continue
         tested.add((op.method.upper(), op.path))
-    assert {("POST", "/predict"), ("GET", "/neutralize"), ("POST", "/neutralize")} <= tested
+    assert {("POST", "/predict"), ("POST", "/predict/batch"), ("GET", "/neutralize"), ("POST", "/neutralize")} <= tested
