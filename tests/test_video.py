@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import av
 import numpy as np
@@ -18,6 +19,8 @@ from model.video.decode import VideoError, VideoLimits, read_info, sample
 from model.video.smooth import Smoother
 from model.video.track import Tracker
 from tests.data_samples import astronaut
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def encode_clip(frames: list[np.ndarray], codec: str = "libx264", fmt: str = "mp4", rate: int = 25) -> bytes:
@@ -207,3 +210,48 @@ def test_ipdfer_video_command(tmp_path, capsys):
     (tmp_path / "not.mp4").write_bytes(b"not a video at all")
     assert cli.main(["video", str(tmp_path / "not.mp4")]) == 1
     assert json.loads(capsys.readouterr().out)["error"] == "bad_video"
+
+
+def two_people(data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Photos (160 px) of the first two muxspace test subjects with two photos each."""
+    import csv
+    rows = list(csv.DictReader(open(REPO / "model" / "manifests" / "muxspace.csv")))
+    by_subject: dict[str, list[str]] = {}
+    for r in rows:
+        if r["split"] == "test":
+            by_subject.setdefault(r["subject"], []).append(r["path"])
+    subjects = [s for s, paths in sorted(by_subject.items()) if len(paths) >= 2][:2]
+    load = lambda rel: np.asarray(Image.open(data / "muxspace" / rel).convert("RGB").resize((160, 160)))  # noqa: E731
+    return tuple(load(by_subject[s][0]) for s in subjects)
+
+
+def test_two_people_who_swap_places_after_one_leaves_keep_their_ids(analyzer, shared_dir):
+    """A left, B right; A leaves for 2 s while B walks to the middle; then B is on
+    the left (A's old place) and A on the right (B's): boxes alone would give A a new
+    id or B's; the descriptors must give each their own back."""
+    from tests.data_samples import data_dir
+    a, b = two_people(data_dir(shared_dir))
+    frames, who = [], []
+    for k in range(60):   # 6 s at 10 fps
+        img = np.full((240, 640, 3), 90, np.uint8)
+        if k < 20:
+            img[40:200, 40:200], img[40:200, 440:600] = a, b
+            who.append({"A": 120, "B": 520})
+        elif k < 40:
+            img[40:200, 240:400] = b     # A gone; B walks to the middle
+            who.append({"B": 320})
+        else:
+            img[40:200, 40:200], img[40:200, 440:600] = b, a   # swapped
+            who.append({"B": 120, "A": 520})
+        frames.append(img)
+    result = analyze_video(analyzer, encode_clip(frames, rate=10), VideoOptions(fps=5.0))
+    assert len(result.frames) == 30
+    ids: dict[str, set[int]] = {"A": set(), "B": set()}
+    for fr, people in zip(result.frames, who[::2]):
+        assert len(fr["faces"]) == len(people), fr
+        for face in fr["faces"]:
+            cx = (face["box"][0] + face["box"][2]) / 2
+            person = min(people, key=lambda p: abs(people[p] - cx))
+            ids[person].add(face["track"])
+    assert len(ids["A"]) == 1 and len(ids["B"]) == 1 and ids["A"] != ids["B"], ids   # 0 identity switches
+    assert len(result.tracks) == 2
