@@ -1,0 +1,105 @@
+"""`ipdfer video`'s speed, memory and smoothing, on clips this script encodes
+(H.264, the public-domain astronaut portrait drifting over a background):
+
+- speed: a `--seconds` (default 60) clip at `--size` (default 1280x720), 25 fps,
+  analysed at `--fps` (default 5): wall time and sampled frames/s;
+- memory: peak RSS of the analysis of that clip and of one `--long` times longer
+  (default 10x), each in a fresh process (`--memory`);
+- smoothing: label changes per second of the steady-expression clip, raw vs
+  smoothed (`--smoothing` tau).
+
+    .venv/bin/python benchmarks/video.py                       # speed + smoothing, ~2 min on 2 cores
+    .venv/bin/python benchmarks/video.py --memory --long 10    # + peak RSS 1x vs 10x (minutes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_clip(path: Path, seconds: float, size: tuple[int, int], rate: int = 25) -> None:
+    import av
+    from PIL import Image
+    from skimage import data
+    w, h = size
+    face = np.asarray(Image.fromarray(data.astronaut()).resize((h // 2, h // 2)))
+    out = av.open(str(path), "w")
+    s = out.add_stream("libx264", rate=rate, options={"preset": "ultrafast"})
+    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+    n = int(seconds * rate)
+    for k in range(n):
+        img = np.full((h, w, 3), 80, np.uint8)
+        x = int((w - h // 2) * (0.5 + 0.4 * np.sin(k / rate)))   # drifts left and right
+        img[h // 4:h // 4 + h // 2, x:x + h // 2] = face
+        for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            out.mux(p)
+    for p in s.encode():
+        out.mux(p)
+    out.close()
+
+
+def analyse(path: Path, fps: float, smoothing: float) -> dict:
+    from model.serving.analyzer import Analyzer
+    from model.video.analyze import VideoOptions, analyze_video
+    analyzer = Analyzer.load()
+    analyzer.warmup()
+    t0 = time.perf_counter()
+    result = analyze_video(analyzer, path, VideoOptions(fps=fps, smoothing_s=smoothing))
+    wall = time.perf_counter() - t0
+    raw = [f["faces"][0]["label"] for f in result.frames if f["faces"]]
+    smooth = [f["faces"][0]["smoothed_label"] for f in result.frames if f["faces"]]
+    changes = lambda labels: sum(a != b for a, b in zip(labels, labels[1:]))  # noqa: E731
+    duration = result.info["duration_s"] or len(result.frames) / fps
+    return {"wall_s": round(wall, 2), "frames": len(result.frames), "frames_per_s": round(len(result.frames) / wall, 2),
+            "faces_found": len(raw), "tracks": len(result.tracks),
+            "label_changes_per_s": {"raw": round(changes(raw) / duration, 3),
+                                    "smoothed": round(changes(smooth) / duration, 3)},
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--size", default="1280x720")
+    ap.add_argument("--fps", type=float, default=5.0)
+    ap.add_argument("--smoothing", type=float, default=0.5)
+    ap.add_argument("--memory", action="store_true", help="also peak RSS of a --long times longer clip")
+    ap.add_argument("--long", type=float, default=10.0)
+    ap.add_argument("--analyse", type=Path, help=argparse.SUPPRESS)   # child process: one clip, JSON out
+    args = ap.parse_args(argv)
+    if args.analyse:
+        print(json.dumps(analyse(args.analyse, args.fps, args.smoothing)))
+        return 0
+    size = tuple(int(v) for v in args.size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        clips = [(args.seconds, Path(tmp) / "clip.mp4")]
+        if args.memory:
+            clips.append((args.seconds * args.long, Path(tmp) / "long.mp4"))
+        for seconds, path in clips:
+            t0 = time.perf_counter()
+            make_clip(path, seconds, size)
+            print(f"encoded {seconds:g} s at {args.size} in {time.perf_counter() - t0:.0f} s "
+                  f"({path.stat().st_size / 1e6:.1f} MB)", flush=True)
+            out = subprocess.run([sys.executable, __file__, "--analyse", str(path), "--fps", str(args.fps),
+                                  "--smoothing", str(args.smoothing)], capture_output=True, text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{seconds:6g} s clip: {row['frames']} frames analysed in {row['wall_s']} s "
+                  f"({row['frames_per_s']} frames/s), {row['tracks']} track(s), peak RSS {row['peak_rss_mb']} MB; "
+                  f"label changes/s raw {row['label_changes_per_s']['raw']} vs smoothed "
+                  f"{row['label_changes_per_s']['smoothed']} (tau {args.smoothing:g} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
