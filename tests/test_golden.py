@@ -7,7 +7,9 @@ when the served detector's smallest face went from 20 to 40 px: landmarks moved
 by up to 1.25 px and probabilities by up to 0.098, no label and no face count
 changed; the encoders now run in ONNX Runtime, within 1e-5 of PyTorch; again
 when only faces whose one-pass margin is below 0.3 got the mirror pass:
-probabilities moved by up to 0.074, no label changed).
+probabilities moved by up to 0.074, no label changed; again for weights 0.6.0,
+a new E_exp: every probability moved, no label did on these faces; boxes, landmarks,
+poses and neutral renders are byte for byte the same).
 
 Tolerances admit float noise between machines, not behaviour: on a second
 machine (another CPU, same wheels) probabilities moved by up to 4e-4, pose by
