@@ -87,7 +87,7 @@ def test_distillation_moves_the_one_pass_towards_the_teachers_mirror_average(tmp
     assert len(faces) >= 12
     batch = {k: torch.stack([faces[i][k] for i in range(len(faces))]) for k in ("image", "label", "pose")}
     objective = GeneratorObjective(LossWeights(expression=0, pose=0, distill=1), teacher=teacher)
-    opt = torch.optim.Adam(trained, lr=2e-5)
+    opt = torch.optim.Adam(trained, lr=1e-5)   # 2e-5 overshot on 0.6.0's FaceRes E_exp
     before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
     losses = []
     for _ in range(12):
