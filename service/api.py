@@ -13,11 +13,11 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response,
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.backend import Backend
-from service.errors import RETRY_LATER, JobError, ResultTimeout, http_status
+from service.errors import RETRY_LATER, JobError, ResultTimeout, client_detail, http_status
 from service.images import probe
 from service.metrics import ApiMetrics
 from service.schemas import (
@@ -112,20 +112,38 @@ async def _limited(request: Request, limit: int, timeout: float) -> AsyncIterato
         yield chunk
 
 
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _refuse_declared_length(request: Request, limit: int, name: str = "limit") -> None:
+    """413 at once when the Content-Length header already says the body is too large."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise HTTPException(413, f"request body is {int(length):,} bytes; the {name} is {limit:,}")
+
+
+async def _parse_multipart(request: Request, settings: Settings, limit: int, max_files: int,
+                           too_many: HTTPException | None = None) -> FormData:
+    """The parsed form of a multipart body read within `limit` bytes; `too_many`
+    answers a body of more than `max_files` files (else 400, as any malformed body)."""
+    parser = MultiPartParser(request.headers, _limited(request, limit, settings.body_timeout_s),
+                             max_files=max_files, max_fields=16, max_part_size=64 * 1024)
+    try:
+        return await parser.parse()
+    except MultiPartException as e:
+        if too_many is not None and "Too many files" in e.message:
+            raise too_many from None
+        raise HTTPException(400, f"malformed multipart body: {e.message}") from None
+
+
 async def read_upload(request: Request, settings: Settings) -> bytes:
     """The image bytes of a multipart upload (field `file`) or of a raw body."""
     limit = settings.max_body_bytes
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise HTTPException(413, f"request body is {int(length):,} bytes; the limit is {limit:,}")
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    _refuse_declared_length(request, limit)
+    media = _media_type(request)
     if media == "multipart/form-data":
-        parser = MultiPartParser(request.headers, _limited(request, limit, settings.body_timeout_s), max_files=1, max_fields=16,
-                                 max_part_size=64 * 1024)
-        try:
-            form = await parser.parse()
-        except MultiPartException as e:
-            raise HTTPException(400, f"malformed multipart body: {e.message}") from None
+        form = await _parse_multipart(request, settings, limit, max_files=1)
         try:
             uploads = [v for v in form.values() if isinstance(v, UploadFile)]
             upload = form.get("file") if isinstance(form.get("file"), UploadFile) else \
@@ -147,22 +165,13 @@ async def read_upload(request: Request, settings: Settings) -> bytes:
 async def read_uploads(request: Request, settings: Settings) -> list[tuple[str | None, bytes]]:
     """The (filename, bytes) of every file part of a multipart body, in order."""
     limit, most = settings.batch_max_bytes, settings.batch_max_images
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise HTTPException(413, f"request body is {int(length):,} bytes; the batch limit is {limit:,}")
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    _refuse_declared_length(request, limit, "batch limit")
+    media = _media_type(request)
     if media != "multipart/form-data":
         raise HTTPException(415, f"unsupported body type {media!r}: send the images as multipart/form-data, "
                                  "one file part each")
-    parser = MultiPartParser(request.headers, _limited(request, limit, settings.body_timeout_s),
-                             max_files=most, max_fields=16, max_part_size=64 * 1024)
-    try:
-        form = await parser.parse()
-    except MultiPartException as e:
-        if "Too many files" in e.message:
-            raise HTTPException(413, f"more than {most} images in one batch: send at most {most} "
-                                     "(IPDFER_BATCH_MAX_IMAGES)") from None
-        raise HTTPException(400, f"malformed multipart body: {e.message}") from None
+    form = await _parse_multipart(request, settings, limit, max_files=most, too_many=HTTPException(
+        413, f"more than {most} images in one batch: send at most {most} (IPDFER_BATCH_MAX_IMAGES)"))
     try:
         uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not uploads:
@@ -226,7 +235,7 @@ async def predict_batch(request: Request, options: Annotated[PredictOptions, Que
         except (JobError, ResultTimeout, *RETRY_LATER) as e:
             if isinstance(e, JobError) and e.kind == "dead_letter":
                 metrics.dead_lettered.inc()
-            return BatchItemOut(index=index, filename=filename, status=http_status(e), detail=str(e))
+            return BatchItemOut(index=index, filename=filename, status=http_status(e), detail=client_detail(e))
         except Exception as e:  # noqa: BLE001 - one image's failure must not fail its neighbours
             log.exception("batch image %d failed", index)
             return BatchItemOut(index=index, filename=filename, status=500,

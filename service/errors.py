@@ -1,5 +1,6 @@
 """Failures the service distinguishes, and the one place they become HTTP
-statuses (`http_status`; service/server.py's handlers answer with it).
+statuses and messages (`http_status`, `client_detail`; service/server.py's
+handlers and POST /predict/batch's entries answer with them).
 
 A job's failure travels as an error kind (service/jobs.py) and is raised here as
 `JobError(kind, detail)`; the others are the queue's and the transport's."""
@@ -42,6 +43,19 @@ JOB_ERROR_STATUS = {
 assert set(JOB_ERROR_STATUS) == set(ERROR_KINDS)
 
 RETRY_LATER = (QueueFull, NoWorkers, Unavailable)   # 503 with Retry-After
+
+
+def client_detail(exc: Exception) -> str:
+    """The message a client is answered with for `exc` (the `detail` of the error body)."""
+    if isinstance(exc, JobError):
+        return exc.detail
+    if isinstance(exc, QueueFull):
+        return f"server busy: {exc}; retry later"
+    if isinstance(exc, NoWorkers):
+        return f"not ready: {exc}; retry later"
+    if isinstance(exc, ResultTimeout):
+        return f"timed out waiting for the result: {exc}"
+    return str(exc)
 
 
 def http_status(exc: Exception) -> int:

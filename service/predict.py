@@ -3,8 +3,9 @@
 A folder stands for the images under it (recursive, sorted by name). Files are
 batched (--batch-size) through the same Pipeline the workers run and one JSON
 object per file is printed (JSON lines), with the API's face schema plus
-"file"; a progress bar goes to stderr when it is a terminal. A file that cannot be read or decoded gets {"file", "error", "detail"}
-(service/jobs.py's error kinds) instead; the run goes on. Exit code 0, or 1 when every file failed.
+"file"; a progress bar goes to stderr when it is a terminal. A file that cannot
+be read or decoded gets {"file", "error", "detail"} (service/jobs.py's error
+kinds) instead; the run goes on. Exit code 0, or 1 when every file failed.
 
     ipdfer predict photos/ --neutral-dir out/   # every image under photos/; neutral faces as PNG files
 """

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import router
 from service.backend import Backend, make_backend
-from service.errors import JobError, NoWorkers, QueueFull, ResultTimeout, Unavailable, http_status
+from service.errors import JobError, NoWorkers, QueueFull, ResultTimeout, Unavailable, client_detail, http_status
 from service.metrics import ApiMetrics
 from service.settings import Settings, add_options
 
@@ -120,23 +120,23 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.kind == "dead_letter":
             app.state.metrics.dead_lettered.inc()
         status = http_status(exc)
-        return _error(status, exc.detail, errors=[]) if status == 422 else _error(status, exc.detail)
+        return _error(status, client_detail(exc), errors=[]) if status == 422 else _error(status, client_detail(exc))
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
-        return _error(http_status(exc), f"server busy: {exc}; retry later", retry)
+        return _error(http_status(exc), client_detail(exc), retry)
 
     @app.exception_handler(NoWorkers)
     async def no_workers(request: Request, exc: NoWorkers) -> JSONResponse:
-        return _error(http_status(exc), f"not ready: {exc}; retry later", retry)
+        return _error(http_status(exc), client_detail(exc), retry)
 
     @app.exception_handler(Unavailable)
     async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
-        return _error(http_status(exc), str(exc), retry)
+        return _error(http_status(exc), client_detail(exc), retry)
 
     @app.exception_handler(ResultTimeout)
     async def timeout(request: Request, exc: ResultTimeout) -> JSONResponse:
-        return _error(http_status(exc), f"timed out waiting for the result: {exc}")
+        return _error(http_status(exc), client_detail(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -25,7 +25,7 @@ def renderer_copy(old: IPDFER, cfg) -> IPDFER:
     the shapes differ, its expression encoder and head."""
     new = IPDFER(cfg)
     own = new.state_dict()
-    code = {f"decoder.{n}.weight" for n, m in old.decoder.named_modules() if m in code_map.code_layers(old)}
+    code = code_map.code_weight_keys(old)
     new.load_state_dict({k: v for k, v in old.state_dict().items()
                          if k not in code and k in own and own[k].shape == v.shape}, strict=False)
     return new

@@ -38,10 +38,21 @@ def fit_ridge(new: torch.Tensor, old: torch.Tensor, strength: float = 1e-3) -> t
     return torch.linalg.solve(gram + lam * eye, new.T.double() @ old.double()).float()
 
 
-def code_layers(model: IPDFER) -> list[nn.Linear]:
-    """G's linear layers that read the concatenated (identity, pose, expression) code."""
+def named_code_layers(model: IPDFER) -> list[tuple[str, nn.Linear]]:
+    """G's linear layers that read the concatenated (identity, pose, expression) code,
+    with their names in the model's state_dict (e.g. "decoder.film1")."""
     width = model.cfg.id_dim + model.cfg.pose_dim + model.cfg.exp_dim
-    return [m for m in model.decoder.modules() if isinstance(m, nn.Linear) and m.in_features == width]
+    return [(f"decoder.{name}", m) for name, m in model.decoder.named_modules()
+            if isinstance(m, nn.Linear) and m.in_features == width]
+
+
+def code_layers(model: IPDFER) -> list[nn.Linear]:
+    return [m for _, m in named_code_layers(model)]
+
+
+def code_weight_keys(model: IPDFER) -> set[str]:
+    """The state_dict keys whose shape follows the expression code's size."""
+    return {f"{name}.weight" for name, _ in named_code_layers(model)}
 
 
 def r2(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -414,8 +414,7 @@ def export(run_dir: Path, base: Path, out: Path, version: str, calibrate_on: tup
                               exp_dim=recipe.model_config().exp_dim, dropout=recipe.dropout)
     model = IPDFER(cfg)
     replaced = ("exp_encoder.", "exp_head.", "class_bias")
-    code_weights = {f"decoder.{name}.weight" for name, m in loaded.model.decoder.named_modules()
-                    if m in code_map.code_layers(loaded.model)}
+    code_weights = code_map.code_weight_keys(loaded.model)
     state = {k: v for k, v in loaded.model.state_dict().items()
              if not k.startswith(replaced) and k not in code_weights}
     state.update(ckpt["ema"])

@@ -70,10 +70,13 @@ def analyze_video(analyzer: Analyzer, source: Source, options: VideoOptions = Vi
 
     def flush() -> None:
         results = analyzer.analyze([ImageRequest(f.rgb, max_faces=options.max_faces) for f in pending]).images
-        for f, res in zip(pending, results):
-            faces = res.faces if res.error is None else []
+        per_frame = [res.faces if res.error is None else [] for res in results]
+        # one identity pass for the whole batch's faces, split back per frame
+        descriptors = analyzer.identities([fc.state for faces in per_frame for fc in faces])
+        ends = np.cumsum([len(faces) for faces in per_frame])
+        for f, res, faces, end in zip(pending, results, per_frame, ends):
             boxes = np.array([fc.box for fc in faces], float).reshape(-1, 4)
-            ids = tracker.update(f.t, boxes, analyzer.identities([fc.state for fc in faces]) if faces else None)
+            ids = tracker.update(f.t, boxes, descriptors[end - len(faces):end] if faces else None)
             rows = []
             for fc, track in zip(faces, ids):
                 raw = np.array([fc.probabilities[c] for c in EXPRESSIONS])
