@@ -4,13 +4,14 @@ a function of the step alone. Faces are made by the test (no data sets needed)."
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from model.training.expression import Augment, Batches, Faces, Recipe, augment_batch, train
+from model.training.expression import Augment, Batches, Faces, Recipe, augment_batch, predict, train
 
 
 def synthetic_faces(n: int = 24, seed: int = 0) -> Faces:
@@ -73,10 +74,10 @@ def test_resume_refuses_another_recipe(tmp_path):
 def test_augmentation_is_a_function_of_the_step():
     faces, recipe = synthetic_faces(), tiny_recipe()
     batches = Batches(faces, recipe)
-    x1, y1 = batches(5)
-    x2, y2 = Batches(faces, recipe)(5)
+    x1, y1, _ = batches(5)
+    x2, y2, _ = Batches(faces, recipe)(5)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    x3, _ = batches(4)
+    x3, _, _ = batches(4)
     assert not torch.equal(x1, x3)
     assert x1.shape == (8, 1, 64, 64) and x1.min() >= -1 and x1.max() <= 1
 
@@ -147,3 +148,45 @@ def test_augment_option_changes_named_fields_only():
     assert aug.jpeg == Augment().jpeg
     with pytest.raises(argparse.ArgumentTypeError, match="unknown augmentation"):
         parse_augment("rotation=10")
+
+
+def test_distillation_pulls_the_student_towards_the_teachers(tmp_path):
+    """A teacher that says class 3 for every face: a student trained on it alone
+    (distill 1) gives class 3 more probability than one trained on the labels."""
+    faces = synthetic_faces()
+    faces.soft = np.zeros((2, len(faces), 7), np.float32)
+    faces.soft[:, :, 3] = 1.0
+    students = {}
+    for distill in (0.0, 1.0):
+        recipe = tiny_recipe(epochs=3, lr=1e-2, distill=distill, distill_temperature=1.0)
+        net = train(recipe, Batches(faces, recipe), tmp_path / f"d{distill}", {}, quiet=True)
+        students[distill] = predict(net, faces.aligned)[:, 3].mean()
+    assert students[1.0] > students[0.0] + 0.2, students
+    # the soft targets follow each face's view
+    recipe = tiny_recipe()
+    faces.soft[1, :, 3], faces.soft[1, :, 5] = 0.0, 1.0
+    _, _, soft = Batches(faces, recipe)(0)
+    assert soft is not None and soft.shape == (recipe.batch_size, 7) and set(soft.argmax(1).tolist()) <= {3, 5}
+
+
+def test_distillation_needs_the_teachers_probabilities(tmp_path):
+    faces, recipe = synthetic_faces(), tiny_recipe(distill=0.5)
+    with pytest.raises(ValueError, match="teachers' probabilities"):
+        train(recipe, Batches(faces, recipe), tmp_path / "run", {}, quiet=True)
+
+
+def test_teacher_probabilities_are_the_served_ones_averaged_and_cached(tmp_path, monkeypatch):
+    from model.training.evaluate import encode_all
+    from model.training.expression import teacher_probs
+    from model.weights import load_weights
+    monkeypatch.setenv("IPDFER_CACHE", str(tmp_path))
+    faces, weights = synthetic_faces(n=8), str(Path(__file__).resolve().parents[1] / "weights")
+    soft = teacher_probs(faces, (weights, weights))
+    model = load_weights(Path(weights)).model.eval()
+    with torch.inference_mode():
+        for v, images in enumerate(faces.views()):
+            np.testing.assert_allclose(soft[v], encode_all(model, images, tta=True)["probs"], atol=1e-5)
+    cached = list((tmp_path / "expression").glob("teachers_*.npy"))
+    assert len(cached) == 1
+    np.save(cached[0], np.zeros_like(soft))          # a second call reads the cache
+    assert not teacher_probs(faces, (weights, weights)).any()

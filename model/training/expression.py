@@ -84,6 +84,11 @@ class Recipe:
     pct_start: float = 0.15       # one-cycle warm-up fraction
     label_smoothing: float = 0.1
     cutmix: float = 0.0           # probability that a batch is CutMix'ed (Yun et al. 2019) with its own shuffle
+    # distillation (Hinton et al. 2015): weights folders whose flip-averaged served probabilities,
+    # averaged over the folders, are soft targets; the loss is (1 - distill) * CE + distill * T^2 KL
+    teachers: tuple[str, ...] = ()
+    distill: float = 0.0
+    distill_temperature: float = 2.0
     # sampling: each face drawn with weight n^-balance, n the faces of its (data set, class):
     # 0 = every face once an epoch (a permutation); 0.5 = square-root balancing (rare classes
     # and a small data set's classes drawn more, with replacement); 1 = every group alike
@@ -107,12 +112,17 @@ class Recipe:
 class Faces:
     """Labelled faces of some splits: `aligned` as served, `raw` the data-set crop
     (either may be None), both uint8 (N, 64, 64), labels int64 index into EXPRESSIONS,
-    `source` each face's index into `names` (None: all from the first)."""
+    `source` each face's index into `names` (None: all from the first), `soft` the
+    teachers' probabilities of each view present, float32 (views, N, 7)."""
     labels: np.ndarray
     aligned: np.ndarray | None
     raw: np.ndarray | None
     names: list[str]
     source: np.ndarray | None = None
+    soft: np.ndarray | None = None
+
+    def views(self) -> list[np.ndarray]:
+        return [v for v in (self.aligned, self.raw) if v is not None]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -156,6 +166,32 @@ def load_faces(names: tuple[str, ...], views: str, cache_dir: Path | None = None
             raw.append(_raw_crops(dataset, [faces.paths[i] for i in keep], folder))
     cat = lambda parts: np.concatenate(parts) if parts else None  # noqa: E731
     return Faces(np.concatenate(labels), cat(aligned), cat(raw), list(names), np.concatenate(source))
+
+
+def teacher_probs(faces: Faces, teachers: tuple[str, ...], batch: int = 256) -> np.ndarray:
+    """(views, N, 7): each view's faces through each teacher as served (flip-averaged,
+    calibrated), averaged over the teachers. Cached under the cache root by the
+    teachers' sha256 and the faces' bytes (two teachers over ~80k faces take minutes)."""
+    import hashlib
+    from model.fileio import atomic_write
+    from model.training.evaluate import encode_all
+    from model.weights import load_weights
+    loaded = [load_weights(Path(t)) for t in teachers]
+    key = hashlib.sha256()
+    for w in loaded:
+        key.update(w.manifest["sha256"].encode())
+    for view in faces.views():
+        key.update(np.ascontiguousarray(view).data)
+    path = cache_root() / "expression" / f"teachers_{key.hexdigest()[:16]}.npy"
+    if path.is_file():
+        return np.load(path)
+    out = np.zeros((len(faces.views()), len(faces), len(EXPRESSIONS)), np.float32)
+    with torch.inference_mode():
+        for w in loaded:
+            for v, images in enumerate(faces.views()):
+                out[v] += encode_all(w.model.eval(), images, batch=batch, tta=True)["probs"] / len(loaded)
+    atomic_write(path, lambda tmp: np.save(tmp, out), suffix=".npy")
+    return out
 
 
 # 2. augmentation (every draw from one generator seeded by the step) ------------------
@@ -215,9 +251,9 @@ def sampling_weights(faces: Faces, balance: float) -> np.ndarray | None:
 
 
 class Batches:
-    """Step k of a run -> (images, labels): the epoch's order comes from (seed,
-    epoch) (a permutation, or with `balance` a weighted draw with replacement),
-    the faces' view and augmentation from (seed, step)."""
+    """Step k of a run -> (images, labels, teachers' probabilities or None): the
+    epoch's order comes from (seed, epoch) (a permutation, or with `balance` a
+    weighted draw with replacement), the faces' view and augmentation from (seed, step)."""
 
     def __init__(self, faces: Faces, recipe: Recipe):
         self.faces, self.recipe = faces, recipe
@@ -228,7 +264,7 @@ class Batches:
     def __len__(self) -> int:
         return self.per_epoch
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         r, f = self.recipe, self.faces
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self._perm_epoch:
@@ -237,11 +273,12 @@ class Batches:
                                                    else rng.choice(len(f), len(f), p=self._weights))
         idx = np.sort(self._perm[i * r.batch_size:(i + 1) * r.batch_size])
         g = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
-        views = [v for v in (f.aligned, f.raw) if v is not None]
+        views = f.views()
         pick = (torch.rand(len(idx), generator=g) * len(views)).long().numpy()
         images = np.stack([views[v][j] for v, j in zip(pick, idx)])
         x = torch.from_numpy(images).unsqueeze(1).float() / 127.5 - 1
-        return augment_batch(x, r.augment, g), torch.from_numpy(f.labels[idx])
+        soft = None if f.soft is None else torch.from_numpy(f.soft[pick, idx])
+        return augment_batch(x, r.augment, g), torch.from_numpy(f.labels[idx]), soft
 
 
 def cutmix(x: torch.Tensor, y: torch.Tensor, g: torch.Generator
@@ -307,6 +344,8 @@ def train(recipe: Recipe, batches: Batches, run_dir: Path, val: dict[str, tuple[
     total = recipe.epochs * len(batches)
     torch.manual_seed(recipe.seed)  # the head's initialisation
     net = ExpressionNet(recipe.model_config()).to(memory_format=torch.channels_last)
+    if recipe.distill > 0 and (batches.faces.soft is None or recipe.cutmix > 0):
+        raise ValueError("distill needs the teachers' probabilities on the faces (Faces.soft) and no cutmix")
     ckpt_path = run_dir / "last.pt"
     resuming = ckpt_path.is_file()
     if not resuming:
@@ -350,7 +389,7 @@ def train(recipe: Recipe, batches: Batches, run_dir: Path, val: dict[str, tuple[
     last_save, window, t0 = time.monotonic(), [], time.monotonic()
     while step < end:
         # 1. the step's faces and its dropout draw, both from (seed, step)
-        x, y = batches(step)
+        x, y, soft = batches(step)
         mix = torch.Generator().manual_seed(recipe.seed * 104_729 + step)
         y2, share = y, 1.0
         if float(torch.rand(1, generator=mix)) < recipe.cutmix:
@@ -362,6 +401,11 @@ def train(recipe: Recipe, batches: Batches, run_dir: Path, val: dict[str, tuple[
         loss = share * F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
         if share < 1.0:
             loss = loss + (1 - share) * F.cross_entropy(logits.float(), y2, label_smoothing=recipe.label_smoothing)
+        if recipe.distill > 0:
+            t = recipe.distill_temperature
+            kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(soft.clamp_min(1e-8).log() / t, 1),
+                          log_target=True, reduction="batchmean") * t * t
+            loss = (1 - recipe.distill) * loss + recipe.distill * kd
         # 2. update, schedule, EMA
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -508,6 +552,9 @@ def run(args: argparse.Namespace) -> int:
         print("ipdfer train-expression: --views is aligned, raw or both", file=sys.stderr)
         return 2
     faces = load_faces(recipe.train_sets, recipe.views, args.data_cache, args.data_root)
+    if recipe.teachers:
+        print(f"teachers {', '.join(recipe.teachers)}: probabilities of {len(faces)} faces ...", flush=True)
+        faces.soft = teacher_probs(faces, recipe.teachers)
     print(f"{len(faces)} training faces from {', '.join(recipe.train_sets)} ({recipe.views} views), "
           f"bf16 {recipe.bf16 and cpu_has_native_bf16()}", flush=True)
     val = {}
