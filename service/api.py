@@ -7,14 +7,12 @@ import base64
 import hmac
 import logging
 import time
-from typing import Annotated, Any, AsyncIterator
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, Security
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.backend import Backend
 from service.errors import RETRY_LATER, JobError, ResultTimeout, client_detail, http_status
@@ -22,9 +20,11 @@ from service.images import probe
 from service.metrics import ApiMetrics
 from service.schemas import (
     BatchItemOut, BatchOut, ErrorOut, HealthOut, NeutralizeOptions, PredictOptions, PredictOut, ReadyOut,
-    RenderKind, ValidationErrorOut,
+    RenderKind, ValidationErrorOut, VideoFormat, VideoOptionsIn, VideoOut,
 )
 from service.settings import Settings
+from service.uploads import read_upload, read_uploads, save_video_upload
+from service.videos import VideoJobs
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,12 @@ def get_metrics(request: Request) -> ApiMetrics:
     return request.app.state.metrics
 
 
+def get_videos(request: Request) -> VideoJobs:
+    return request.app.state.videos
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+VideosDep = Annotated[VideoJobs, Depends(get_videos)]
 BackendDep = Annotated[Backend, Depends(get_backend)]
 MetricsDep = Annotated[ApiMetrics, Depends(get_metrics)]
 
@@ -88,98 +93,24 @@ _BATCH_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"},
                   "description": "The images, one part each (any field name; the parts' order is kept)."}}}}}}}
+_VIDEO_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "The video."}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    **{t: {"schema": {"type": "string", "format": "binary"}}
+       for t in ("video/mp4", "video/quicktime", "video/webm", "video/x-matroska", "video/x-msvideo")},
+}}}
+_VIDEO_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {**_E, "description": "Empty body, not a video container, no video stream, or a malformed body."},
+    401: _IMAGE_ERRORS[401],
+    408: {**_E, "description": "The body did not arrive within IPDFER_VIDEO_BODY_TIMEOUT_S."},
+    413: {**_E, "description": "Body over IPDFER_VIDEO_MAX_MB, or a video longer or larger than the limits."},
+    415: {**_E, "description": "A container this service does not take (an image, a raw stream), or an "
+                              "unsupported body type."},
+    422: {"model": ValidationErrorOut, "description": "Invalid options."},
+    503: {**_E, "headers": _RETRY_AFTER, "description": "Too many videos waiting, or Redis down."},
+}
 _PNG = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
-
-# --- reading an upload -----------------------------------------------------------
-
-
-async def _limited(request: Request, limit: int, timeout: float) -> AsyncIterator[bytes]:
-    """The request body, failing with 413 as soon as it passes `limit` bytes and
-    with 408 when it is not all there within `timeout` seconds (a slow client
-    must not hold a connection and a buffer for ever)."""
-    total, deadline = 0, time.monotonic() + timeout
-    stream = request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            raise HTTPException(408, f"request body not received within {timeout:g} s") from None
-        total += len(chunk)
-        if total > limit:
-            raise HTTPException(413, f"request body is over the limit of {limit:,} bytes")
-        yield chunk
-
-
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
-
-
-def _refuse_declared_length(request: Request, limit: int, name: str = "limit") -> None:
-    """413 at once when the Content-Length header already says the body is too large."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise HTTPException(413, f"request body is {int(length):,} bytes; the {name} is {limit:,}")
-
-
-async def _parse_multipart(request: Request, settings: Settings, limit: int, max_files: int,
-                           too_many: HTTPException | None = None) -> FormData:
-    """The parsed form of a multipart body read within `limit` bytes; `too_many`
-    answers a body of more than `max_files` files (else 400, as any malformed body)."""
-    parser = MultiPartParser(request.headers, _limited(request, limit, settings.body_timeout_s),
-                             max_files=max_files, max_fields=16, max_part_size=64 * 1024)
-    try:
-        return await parser.parse()
-    except MultiPartException as e:
-        if too_many is not None and "Too many files" in e.message:
-            raise too_many from None
-        raise HTTPException(400, f"malformed multipart body: {e.message}") from None
-
-
-async def read_upload(request: Request, settings: Settings) -> bytes:
-    """The image bytes of a multipart upload (field `file`) or of a raw body."""
-    limit = settings.max_body_bytes
-    _refuse_declared_length(request, limit)
-    media = _media_type(request)
-    if media == "multipart/form-data":
-        form = await _parse_multipart(request, settings, limit, max_files=1)
-        try:
-            uploads = [v for v in form.values() if isinstance(v, UploadFile)]
-            upload = form.get("file") if isinstance(form.get("file"), UploadFile) else \
-                (uploads[0] if uploads else None)
-            if upload is None:
-                raise HTTPException(400, "the multipart body has no file; send the image in the field 'file'")
-            return await upload.read()
-        finally:
-            await form.close()
-    # the bytes decide what the image is; these types only say "raw body". curl's
-    # --data-binary sends application/x-www-form-urlencoded unless told otherwise.
-    if media in ("", "application/octet-stream", "application/x-www-form-urlencoded") \
-            or media.startswith("image/"):
-        return b"".join([chunk async for chunk in _limited(request, limit, settings.body_timeout_s)])
-    raise HTTPException(415, f"unsupported body type {media!r}: send the image as multipart/form-data "
-                             "(field 'file') or as a raw image/* or application/octet-stream body")
-
-
-async def read_uploads(request: Request, settings: Settings) -> list[tuple[str | None, bytes]]:
-    """The (filename, bytes) of every file part of a multipart body, in order."""
-    limit, most = settings.batch_max_bytes, settings.batch_max_images
-    _refuse_declared_length(request, limit, "batch limit")
-    media = _media_type(request)
-    if media != "multipart/form-data":
-        raise HTTPException(415, f"unsupported body type {media!r}: send the images as multipart/form-data, "
-                                 "one file part each")
-    form = await _parse_multipart(request, settings, limit, max_files=most, too_many=HTTPException(
-        413, f"more than {most} images in one batch: send at most {most} (IPDFER_BATCH_MAX_IMAGES)"))
-    try:
-        uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        if not uploads:
-            raise HTTPException(400, "the multipart body has no file part; send each image as a file part")
-        return [(u.filename, await u.read()) for u in uploads]
-    finally:
-        await form.close()
-
 
 async def _analyze(image: bytes, options: PredictOptions, settings: Settings, backend: Backend,
                    metrics: ApiMetrics, rid: str, t0: float) -> PredictOut:
@@ -280,6 +211,49 @@ async def neutralize_image(request: Request, options: Annotated[NeutralizeOption
         raise JobError("no_face", "no face was found in the image")
     face = reply["faces"][0]
     return _png(base64.b64decode(face["neutral_png"]), request_id(request), **{"X-Face-Id": face["face_id"]})
+
+
+@router.post("/videos", status_code=202, response_model=VideoOut, tags=["video"], responses=_VIDEO_ERRORS,
+             openapi_extra=_VIDEO_BODY, dependencies=[Depends(require_api_key)],
+             summary="Upload a video; its frames are analysed in the background (poll GET /videos/{video_id})")
+async def submit_video(request: Request, options: Annotated[VideoOptionsIn, Query()], settings: SettingsDep,
+                       videos: VideosDep) -> JSONResponse:
+    """Answers 202 once the upload is stored and its header checked (a broken or
+    too long video is refused here); `Location` is the status URL. Sampled frames
+    go through the same queue and batches as /predict; each face gets a track id
+    across frames and smoothed probabilities."""
+    video_id, path = videos.upload_path()
+    try:
+        await save_video_upload(request, settings, path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    record = await videos.start(video_id, path, options.model_dump())
+    return JSONResponse(VideoOut(**record).model_dump(), status_code=202,
+                        headers={"Location": f"/videos/{video_id}", "X-Request-ID": request_id(request)})
+
+
+@router.get("/videos/{video_id}", response_model=VideoOut, tags=["video"], dependencies=[Depends(require_api_key)],
+            responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
+                             "description": "The status (JSON), or with format=csv the rows."},
+                       404: {**_E, "description": "Unknown or expired video_id."},
+                       409: {**_E, "description": "format=csv before the video is done."},
+                       **{k: v for k, v in _IMAGE_ERRORS.items() if k in (401, 422, 503)}},
+            summary="A video's status and progress, and once done its frames, face tracks and summary")
+async def video_status(video_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="From POST /videos.")],
+                       query: Annotated[VideoFormat, Query()], backend: BackendDep) -> Response:
+    record = await backend.get_video(video_id)
+    if record is None:
+        raise HTTPException(404, "unknown or expired video_id")
+    if query.format == "json":
+        return JSONResponse(VideoOut(**record).model_dump())
+    if record["status"] != "done":
+        raise HTTPException(409, f"the video is {record['status']}; its CSV is ready once the status is done")
+    from model.video.analyze import VideoResult, to_csv
+    r = record["result"]
+    csv_text = to_csv(VideoResult(info=r["video"], frames=r["frames"], tracks=r["tracks"], stats=r["stats"]))
+    return Response(csv_text, media_type="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="{video_id}.csv"'})
 
 
 @router.get("/healthz", response_model=HealthOut, tags=["operations"], summary="The process is alive")

@@ -31,8 +31,11 @@ class Backend(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None, neutral: bool,
-                      largest: bool = False, pixels: int | None = None) -> dict[str, Any]: ...
+                      largest: bool = False, pixels: int | None = None, identity: bool = False
+                      ) -> dict[str, Any]: ...
     async def render(self, face_id: str, kind: str) -> dict[str, Any]: ...
+    async def put_video(self, video_id: str, record: dict[str, Any]) -> None: ...
+    async def get_video(self, video_id: str) -> dict[str, Any] | None: ...
     async def readiness(self) -> dict[str, Any]: ...
     async def stats(self) -> dict[str, int | None]: ...
 
@@ -83,6 +86,24 @@ class MemoryFaceStore:
         return len(self._items)
 
 
+class MemoryVideoRecords:
+    """Video statuses and results in in-process mode, each kept `ttl_s` after its last change."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self.clock = ttl_s, clock
+        self._items: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def put(self, video_id: str, record: dict[str, Any]) -> None:
+        now = self.clock()
+        for key in [k for k, (expires, _) in self._items.items() if expires < now]:
+            del self._items[key]
+        self._items[video_id] = (now + self.ttl_s, record)
+
+    def get(self, video_id: str) -> dict[str, Any] | None:
+        item = self._items.get(video_id)
+        return item[1] if item and item[0] >= self.clock() else None
+
+
 class InProcessBackend:
     mode = "inprocess"
 
@@ -90,6 +111,7 @@ class InProcessBackend:
                  on_batch: Callable[[int, float], Any] | None = None) -> None:
         self.settings = settings
         self.faces = MemoryFaceStore(settings.face_ttl_s, settings.face_cache_max, settings.face_cache_max_bytes)
+        self.videos = MemoryVideoRecords(settings.video_ttl_s)
         self.batcher: InProcessBatcher[Job, Outcome] = InProcessBatcher(
             BatchPolicy(settings.max_batch_size, settings.max_wait_s, cost=job_cost,
                         alone_above=settings.batch_alone_pixels),
@@ -147,15 +169,23 @@ class InProcessBackend:
         return _check(outcome.reply)
 
     async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None, neutral: bool,
-                      largest: bool = False, pixels: int | None = None) -> dict[str, Any]:
+                      largest: bool = False, pixels: int | None = None, identity: bool = False
+                      ) -> dict[str, Any]:
         return await self._call(Job(op=OP_ANALYZE, image=image, aligned=aligned, max_faces=max_faces,
-                                    largest=largest, neutral=neutral, enqueued=time.time(), pixels=pixels))
+                                    largest=largest, neutral=neutral, enqueued=time.time(), pixels=pixels,
+                                    identity=identity))
 
     async def render(self, face_id: str, kind: str) -> dict[str, Any]:
         state = self.faces.get(face_id)
         if state is None:
             raise JobError("unknown_face", "unknown or expired face_id")
         return await self._call(Job(op=OP_RENDER, state=state, kind=kind, enqueued=time.time()))
+
+    async def put_video(self, video_id: str, record: dict[str, Any]) -> None:
+        self.videos.put(video_id, record)
+
+    async def get_video(self, video_id: str) -> dict[str, Any] | None:
+        return self.videos.get(video_id)
 
     async def readiness(self) -> dict[str, Any]:
         ready = self.batcher.running
@@ -192,9 +222,11 @@ class RedisBackend:
         return _check(reply)
 
     async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None, neutral: bool,
-                      largest: bool = False, pixels: int | None = None) -> dict[str, Any]:
+                      largest: bool = False, pixels: int | None = None, identity: bool = False
+                      ) -> dict[str, Any]:
         return await self._submit({"op": OP_ANALYZE, "aligned": aligned, "max_faces": max_faces,
-                                   "largest": largest, "neutral": neutral, "pixels": pixels}, image)
+                                   "largest": largest, "neutral": neutral, "pixels": pixels,
+                                   "identity": identity}, image)
 
     async def render(self, face_id: str, kind: str) -> dict[str, Any]:
         from redis.exceptions import RedisError
@@ -205,6 +237,20 @@ class RedisBackend:
         if not known:
             raise JobError("unknown_face", "unknown or expired face_id")
         return await self._submit({"op": OP_RENDER, "face_id": face_id, "kind": kind})
+
+    async def put_video(self, video_id: str, record: dict[str, Any]) -> None:
+        from redis.exceptions import RedisError
+        try:
+            await self.queue.put_video(video_id, record, self.settings.video_ttl_s)
+        except RedisError as e:
+            raise Unavailable(f"the job queue (Redis) is unavailable: {e}") from e
+
+    async def get_video(self, video_id: str) -> dict[str, Any] | None:
+        from redis.exceptions import RedisError
+        try:
+            return await self.queue.get_video(video_id)
+        except RedisError as e:
+            raise Unavailable(f"the job queue (Redis) is unavailable: {e}") from e
 
     async def readiness(self) -> dict[str, Any]:
         from redis.exceptions import RedisError

@@ -44,6 +44,9 @@ assert set(JOB_ERROR_STATUS) == set(ERROR_KINDS)
 
 RETRY_LATER = (QueueFull, NoWorkers, Unavailable)   # 503 with Retry-After
 
+# model.video.decode.VideoError kinds, found in a video's header at upload
+VIDEO_ERROR_STATUS = {"bad_video": 400, "unsupported_video": 415, "video_too_large": 413}
+
 
 def client_detail(exc: Exception) -> str:
     """The message a client is answered with for `exc` (the `detail` of the error body)."""

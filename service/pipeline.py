@@ -5,6 +5,7 @@ Pure compute (no Redis, no HTTP): the Redis worker, the in-process batcher and
 Per job:
   analyze  raw image bytes -> decode (model.images.load_image, typed errors) ->
            one batched `Analyzer.analyze` over the whole batch -> faces + face ids
+           (+ identity descriptors for the jobs that ask: video frames)
   render   a stored FaceState -> one batched `Analyzer.render` per kind -> PNG
 
 A bad input becomes an error reply for that job only (service/jobs.py: an error
@@ -114,6 +115,10 @@ class Pipeline:
         stages = {f"{k[:-2]}_ms": v * 1000 for k, v in analysis.timings.items()}
         if len(analysis.images) != len(ok):
             raise RuntimeError(f"analyze returned {len(analysis.images)} results for {len(ok)} images")
+        # identity descriptors (video tracks) in one pass over the faces of the jobs that ask
+        wanted = [pred.state for i, res in zip(ok, analysis.images) if res.error is None and jobs[i].identity
+                  for pred in res.faces]
+        descriptors = iter(self.analyzer.identities(wanted).tolist() if wanted else [])
         for i, res in zip(ok, analysis.images):
             if res.error is not None:
                 kind = image_error_kind(res.error)
@@ -125,6 +130,8 @@ class Pipeline:
                 face_id = uuid.uuid4().hex
                 states[face_id] = pred.state.to_bytes()
                 face["face_id"] = face_id
+                if jobs[i].identity:
+                    face["identity"] = [round(v, 5) for v in next(descriptors)]
                 face["neutral_png"] = (base64.b64encode(pred.neutral_png).decode()
                                        if pred.neutral_png is not None else None)
                 faces.append(face)

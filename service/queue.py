@@ -15,6 +15,7 @@
                         `face_store_max` faces and `face_store_max_bytes` of them are kept,
                         the oldest dropped first.
     {p}:face_sizes      hash: face_id -> bytes of its state; {p}:face_bytes their sum.
+    {p}:video:{id}      a video's status and, once done, its result (JSON), with TTL.
 
 Delivery: XREADGROUP (`>`) for new jobs; XAUTOCLAIM takes over jobs idle longer than
 the visibility timeout (their worker died or gave them back after an error). A job
@@ -241,6 +242,13 @@ class RedisQueue:
         meta = {**meta, "deadline": time.time() + timeout}
         job_id = await self.enqueue(meta, image)
         return await self.wait_result(job_id, timeout)
+
+    async def put_video(self, video_id: str, record: dict[str, Any], ttl_s: int) -> None:
+        await self.client.set(self._key("video", video_id), json.dumps(record), ex=ttl_s)
+
+    async def get_video(self, video_id: str) -> dict[str, Any] | None:
+        raw = await self.client.get(self._key("video", video_id))
+        return None if raw is None else json.loads(raw)
 
     async def face_exists(self, face_id: str) -> bool:
         return bool(await self.client.exists(self._key("face", face_id)))

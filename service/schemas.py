@@ -37,6 +37,26 @@ class NeutralizeOptions(BaseModel):
 
 RenderKind = Literal["neutral", "residue"]
 
+
+class VideoOptionsIn(BaseModel):
+    """Query options of POST /videos."""
+    model_config = ConfigDict(extra="forbid")
+
+    fps: float = Field(5.0, gt=0, le=30, description="Frames analysed per second of video (the first frame "
+                                                      "at or after each instant).")
+    smoothing: float = Field(0.5, ge=0, le=10, description="Time constant in seconds of each face's "
+                                                           "smoothed probabilities (0: none).")
+    max_faces: int = Field(8, ge=1, le=MAX_FACES_LIMIT, description="Faces per frame, best detections first "
+                                                                    "(capped by IPDFER_MAX_FACES).")
+
+
+class VideoFormat(BaseModel):
+    """Query options of GET /videos/{video_id}."""
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["json", "csv"] = Field("json", description="json: status, progress and, when done, the "
+                                           "result; csv: one row per (sampled frame, face track), once done.")
+
 # --- output ------------------------------------------------------------------------
 
 
@@ -117,6 +137,36 @@ class BatchOut(BaseModel):
     images: int = Field(description="Images received.")
     succeeded: int = Field(description="Images analysed (status 200).")
     results: list[BatchItemOut] = Field(description="One entry per image, in the request's order.")
+
+
+VideoStatus = Literal["queued", "running", "done", "failed"]
+
+
+class VideoProgress(BaseModel):
+    frames_done: int = Field(description="Sampled frames analysed so far.")
+    frames_expected: int | None = Field(description="Sampled frames the video's header promises (null: "
+                                                    "the header gives no duration).")
+
+
+class VideoError(BaseModel):
+    kind: str = Field(description="bad_video, unsupported_video, video_too_large, unavailable or failed.")
+    detail: str
+
+
+class VideoOut(BaseModel):
+    video_id: str
+    status: VideoStatus = Field(description="queued (waiting for a slot), running, done or failed.")
+    created: float = Field(description="Unix time of the upload.")
+    updated: float = Field(description="Unix time of the last change.")
+    options: VideoOptionsIn
+    progress: VideoProgress
+    video: dict | None = Field(None, description="The container's header: container, codec, width, height, "
+                                                 "fps, duration_s, frames.")
+    error: VideoError | None = Field(None, description="Why the video failed (status failed).")
+    result: dict | None = Field(None, description="When done: `frames` (per sampled frame: frame, t and each "
+                                                  "face's track, box, score, pose, probabilities, label, smoothed "
+                                                  "probabilities and label), `tracks` (per face track: first_s, "
+                                                  "last_s, frames, dominant, share, mean_pose) and `stats`.")
 
 
 class ErrorOut(BaseModel):

@@ -29,9 +29,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import router
 from service.backend import Backend, make_backend
-from service.errors import JobError, NoWorkers, QueueFull, ResultTimeout, Unavailable, client_detail, http_status
+from service.errors import (
+    VIDEO_ERROR_STATUS, JobError, NoWorkers, QueueFull, ResultTimeout, Unavailable, client_detail, http_status,
+)
 from service.metrics import ApiMetrics
 from service.settings import Settings, add_options
+from service.videos import VideoJobs
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +125,12 @@ def install_error_handlers(app: FastAPI) -> None:
         status = http_status(exc)
         return _error(status, client_detail(exc), errors=[]) if status == 422 else _error(status, client_detail(exc))
 
+    from model.video.decode import VideoError
+
+    @app.exception_handler(VideoError)
+    async def video_error(request: Request, exc: VideoError) -> JSONResponse:
+        return _error(VIDEO_ERROR_STATUS[exc.kind], exc.detail)
+
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
         return _error(http_status(exc), client_detail(exc), retry)
@@ -199,6 +208,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     backend = backend or make_backend(settings)
     metrics = ApiMetrics()
 
+    videos = VideoJobs(settings, backend)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await backend.start()
@@ -206,10 +217,12 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         try:
             yield
         finally:
+            await videos.stop()
             await backend.stop()
 
     app = FastAPI(title="IPD-FER", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.backend, app.state.metrics = settings, backend, metrics
+    app.state.videos = videos
     install_error_handlers(app)
     if settings.protect_operations and settings.api_key:
         app.add_middleware(OperationsKeyMiddleware, key=settings.api_key.get_secret_value())

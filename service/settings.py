@@ -109,6 +109,24 @@ class Settings(BaseSettings):
                                      "key too. Off by default so probes and Prometheus scrape without it; "
                                      "/healthz and the web page stay open either way.")
 
+    # --- videos (POST /videos) -----------------------------------------------------
+    video_max_mb: float = Field(256.0, gt=0, description="Largest video upload, in megabytes (413).")
+    video_body_timeout_s: float = Field(300.0, gt=0, description="Longest a client may take to send a video "
+                                        "upload (408 after).")
+    video_max_duration_s: float = Field(600.0, gt=0, description="Longest video, from its header or while "
+                                        "decoding (413 / status failed).")
+    video_max_side: int = Field(3840, ge=64, description="Largest frame side of a video (413).")
+    video_dir: Path | None = Field(None, description="Where uploaded videos wait until analysed (deleted "
+                                   "after); unset: the system's temporary folder.")
+    video_max_active: int = Field(1, ge=1, le=16, description="Videos analysed at once (their frames share "
+                                  "the batches with /predict); the rest wait as status queued.")
+    video_max_waiting: int = Field(8, ge=0, description="Videos waiting for a slot before POST /videos "
+                                   "answers 503 with Retry-After.")
+    video_frames_in_flight: int = Field(8, ge=1, le=256, description="A video's sampled frames queued at once "
+                                        "as jobs: enough to fill a batch, few enough to leave room to /predict.")
+    video_ttl_s: int = Field(3600, ge=1, description="How long a video's status and result stay available "
+                             "to GET /videos/{video_id} after its last change (404 after).")
+
     # --- model -------------------------------------------------------------------
     weights_dir: Path | None = Field(None, description="Weights folder (manifest + state_dict); "
                                      "unset: the package's weights/.")
@@ -190,6 +208,10 @@ class Settings(BaseSettings):
         set by the caller before the model loads)."""
         return {"device": self.device, "precision": self.precision, "runtime": self.runtime,
                 "flip_tta": self.flip_tta, "mirror_margin": self.mirror_margin}
+
+    @property
+    def video_max_bytes(self) -> int:
+        return int(self.video_max_mb * (1 << 20))
 
     @property
     def face_cache_max_bytes(self) -> int:

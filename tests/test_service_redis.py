@@ -157,6 +157,33 @@ def test_a_batch_fans_out_to_both_workers_and_a_broken_image_fails_alone(cluster
     assert all(cluster.procs[w].poll() is None for w in WORKERS)
 
 
+def test_a_video_through_redis_is_analysed_by_the_workers_and_readable_from_another_api(cluster):
+    """POST /videos on the API: its frames become jobs the workers answer; the
+    status lives in Redis, so a second API process (here: an app over the same
+    prefix) reads it too."""
+    from tests.test_video import encode_clip, moving_face
+    clip = encode_clip(moving_face(50))
+    r = httpx.post(f"{cluster.url}/videos?fps=5", content=clip, headers={"content-type": "video/mp4"}, timeout=60)
+    assert r.status_code == 202, r.text
+    deadline, body = time.monotonic() + 180, {}
+    while time.monotonic() < deadline:
+        body = httpx.get(cluster.url + r.headers["location"], timeout=10).json()
+        if body["status"] in ("done", "failed"):
+            break
+        time.sleep(0.3)
+    assert body["status"] == "done", body
+    assert len(body["result"]["frames"]) == 10 and [t["track"] for t in body["result"]["tracks"]] == [1]
+
+    async def other_api():
+        app = create_app(cluster.settings())
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return await c.get(r.headers["location"], params={"format": "csv"})
+    csv = run(other_api())
+    assert csv.status_code == 200 and len(csv.text.splitlines()) == 11
+    assert all(cluster.procs[w].poll() is None for w in WORKERS)
+
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 def test_malformed_inputs_get_4xx_and_workers_stay_up(cluster):
     async def go():

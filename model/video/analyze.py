@@ -1,22 +1,29 @@
 """A video through the serving engine: sampled frames in batches through the
 Analyzer (the same detection, alignment and encoders as POST /predict), each
-face given a track (track.py) and smoothed probabilities (smooth.py); then a
-summary per track and a CSV with one row per (frame, track)."""
+face given a track (track.py) and smoothed probabilities (smooth.py) by a
+`Timeline`; then a summary per track and a CSV with one row per (frame, track).
+
+`ipdfer video` calls `analyze_video`; the service's POST /videos (service/videos.py)
+sends the same sampled frames through its job queue and feeds the replies to the
+same `Timeline`, so both give the same result. Nothing here imports torch (the
+Redis-mode API process does not load it); the Analyzer comes in as an argument."""
 from __future__ import annotations
 
 import csv
 import io
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from model.labels import EXPRESSIONS
-from model.serving.analyzer import Analyzer, ImageRequest
 from model.video.decode import Source, VideoLimits, sample
 from model.video.smooth import Smoother
 from model.video.track import Tracker
+
+if TYPE_CHECKING:
+    from model.serving.analyzer import Analyzer
 
 
 @dataclass
@@ -60,13 +67,38 @@ def summarize(frames: list[dict]) -> list[dict]:
     return out
 
 
+class Timeline:
+    """Sampled frames in time order -> tracked, smoothed rows. A face is the dict
+    POST /predict answers (box, score, expression {label, probabilities}, pose)."""
+
+    def __init__(self, options: VideoOptions) -> None:
+        self.tracker, self.smoother = Tracker(), Smoother(options.smoothing_s)
+        self.frames: list[dict] = []
+
+    def add(self, index: int, t: float, faces: list[dict[str, Any]], descriptors: np.ndarray | None,
+            error: str | None = None) -> None:
+        boxes = np.array([f["box"] for f in faces], float).reshape(-1, 4)
+        ids = self.tracker.update(t, boxes, descriptors if faces else None)
+        rows = []
+        for face, track in zip(faces, ids):
+            probs = face["expression"]["probabilities"]
+            smooth = self.smoother(track, t, np.array([probs[c] for c in EXPRESSIONS]))
+            rows.append({"track": track, "box": face["box"], "score": face["score"], "pose": face["pose"],
+                         "probabilities": probs, "label": face["expression"]["label"],
+                         "smoothed": {c: round(float(p), 5) for c, p in zip(EXPRESSIONS, smooth)},
+                         "smoothed_label": _label(smooth)})
+        self.frames.append({"frame": index, "t": t, "faces": rows, **({"error": error} if error else {})})
+
+    def result(self, info: dict, stats: dict) -> VideoResult:
+        return VideoResult(info=info, frames=self.frames, tracks=summarize(self.frames), stats=stats)
+
+
 def analyze_video(analyzer: Analyzer, source: Source, options: VideoOptions = VideoOptions(),
                   limits: VideoLimits = VideoLimits(),
                   progress: Callable[[int, int | None], None] | None = None) -> VideoResult:
     """`progress(frames_done, frames_expected)` is called after each batch."""
-    tracker, smoother, stats = Tracker(), Smoother(options.smoothing_s), {}
-    frames: list[dict] = []
-    pending = []
+    from model.serving.analyzer import ImageRequest
+    timeline, stats, pending = Timeline(options), {}, []
 
     def flush() -> None:
         results = analyzer.analyze([ImageRequest(f.rgb, max_faces=options.max_faces) for f in pending]).images
@@ -75,22 +107,12 @@ def analyze_video(analyzer: Analyzer, source: Source, options: VideoOptions = Vi
         descriptors = analyzer.identities([fc.state for faces in per_frame for fc in faces])
         ends = np.cumsum([len(faces) for faces in per_frame])
         for f, res, faces, end in zip(pending, results, per_frame, ends):
-            boxes = np.array([fc.box for fc in faces], float).reshape(-1, 4)
-            ids = tracker.update(f.t, boxes, descriptors[end - len(faces):end] if faces else None)
-            rows = []
-            for fc, track in zip(faces, ids):
-                raw = np.array([fc.probabilities[c] for c in EXPRESSIONS])
-                smooth = smoother(track, f.t, raw)
-                rows.append({"track": track, "box": fc.box, "score": fc.score, "pose": fc.pose,
-                             "probabilities": fc.probabilities, "label": fc.label,
-                             "smoothed": {c: round(float(p), 5) for c, p in zip(EXPRESSIONS, smooth)},
-                             "smoothed_label": _label(smooth)})
-            frames.append({"frame": f.index, "t": f.t, "faces": rows,
-                           **({"error": str(res.error)} if res.error is not None else {})})
+            timeline.add(f.index, f.t, [fc.to_dict() for fc in faces], descriptors[end - len(faces):end],
+                         None if res.error is None else str(res.error))
         pending.clear()
         if progress:
             info = stats.get("info")
-            progress(len(frames), info.expected_samples(1 / options.fps) if info else None)
+            progress(len(timeline.frames), info.expected_samples(1 / options.fps) if info else None)
 
     for frame in sample(source, 1.0 / options.fps, limits, stats):
         pending.append(frame)
@@ -99,8 +121,7 @@ def analyze_video(analyzer: Analyzer, source: Source, options: VideoOptions = Vi
     if pending:
         flush()
     info = stats.pop("info")
-    return VideoResult(info=info.__dict__, frames=frames, tracks=summarize(frames),
-                       stats={**stats, "options": options.__dict__})
+    return timeline.result(info.__dict__, {**stats, "options": options.__dict__})
 
 
 CSV_COLUMNS = (["frame", "time_s", "track", "x1", "y1", "x2", "y2", "score", "yaw", "pitch", "roll", "label",

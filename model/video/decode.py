@@ -51,7 +51,8 @@ class VideoInfo:
     frames: int | None          # None: not in the header
 
     def expected_samples(self, every_s: float) -> int | None:
-        return None if self.duration_s is None else int(self.duration_s / every_s) + 1
+        # instants 0, every_s, ... before the end (the last frame starts one frame before it)
+        return None if self.duration_s is None else max(1, math.ceil(self.duration_s / every_s - 1e-6))
 
 
 @dataclass

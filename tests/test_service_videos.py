@@ -1,0 +1,160 @@
+"""POST /videos and GET /videos/{id} in in-process mode with the real model: the
+HTTP result is what `ipdfer video` gives on the same clip, broken uploads are
+refused with 4xx at upload, and the service keeps answering after them."""
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.labels import EXPRESSIONS
+from model.video.analyze import CSV_COLUMNS, VideoOptions, analyze_video
+from service.schemas import VideoOut
+from tests.test_service_api import app_client, run, settings
+from tests.test_video import broken_corpus, encode_clip, moving_face
+
+
+async def wait_done(client, location: str, timeout: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = await client.get(location)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        VideoOut.model_validate(body)
+        if body["status"] in ("done", "failed"):
+            return body
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"video not done within {timeout} s: {body}")
+
+
+def test_a_video_over_http_is_what_ipdfer_video_gives(service_pipeline):
+    clip = encode_clip(moving_face(50))
+    expected = analyze_video(service_pipeline.analyzer, clip, VideoOptions(fps=5.0, smoothing_s=0.5))
+
+    async def go():
+        async with app_client(settings(), [service_pipeline]) as c:
+            r = await c.post("/videos?fps=5&smoothing=0.5", files={"file": ("clip.mp4", clip, "video/mp4")})
+            assert r.status_code == 202, r.text
+            first = r.json()
+            assert first["status"] in ("queued", "running") and r.headers["location"] == f"/videos/{first['video_id']}"
+            assert first["progress"] == {"frames_done": 0, "frames_expected": 10}
+            assert first["video"]["width"] == 360 and first["video"]["codec"] == "h264"
+            body = await wait_done(c, r.headers["location"])
+            csv = await c.get(r.headers["location"], params={"format": "csv"})
+            # a raw body works too
+            raw = await c.post("/videos", content=clip, headers={"content-type": "video/mp4"})
+            return body, csv, await wait_done(c, raw.headers["location"])
+
+    body, csv, raw = run(go())
+    assert body["status"] == "done" and body["error"] is None, body
+    assert body["progress"]["frames_done"] == 10
+    result = body["result"]
+    assert [t["track"] for t in result["tracks"]] == [1] and result["tracks"] == expected.tracks
+    assert len(result["frames"]) == len(expected.frames) == 10
+    for got, want in zip(result["frames"], expected.frames):
+        assert (got["frame"], got["t"]) == (want["frame"], want["t"])
+        (g,), (w,) = got["faces"], want["faces"]
+        assert g["track"] == w["track"] and g["box"] == w["box"] and g["label"] == w["label"]
+        assert max(abs(g["probabilities"][c] - w["probabilities"][c]) for c in EXPRESSIONS) < 1e-4
+        assert max(abs(g["smoothed"][c] - w["smoothed"][c]) for c in EXPRESSIONS) < 1e-4
+    assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
+    lines = csv.text.splitlines()
+    assert lines[0].split(",") == CSV_COLUMNS and len(lines) == 11
+    assert raw["status"] == "done" and raw["result"]["tracks"] == result["tracks"]
+
+
+def _png(size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), 90, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_broken_or_too_large_videos_are_refused_at_upload_and_the_service_stays_up(service_pipeline):
+    clip = encode_clip(moving_face(50))   # 2 s
+    s = settings(video_max_duration_s=1.0, video_max_mb=0.5)
+
+    async def go():
+        async with app_client(s, [service_pipeline]) as c:
+            answers = {}
+            for name, data in broken_corpus():
+                answers[name] = await c.post("/videos", content=data)
+            answers["png image"] = await c.post("/videos", content=_png())
+            answers["empty"] = await c.post("/videos", content=b"")
+            answers["too long"] = await c.post("/videos", content=clip)
+            answers["too many bytes"] = await c.post("/videos", content=b"\0" * (600 << 10))
+            answers["text body"] = await c.post("/videos", content=b"x", headers={"content-type": "text/plain"})
+            answers["multipart without file"] = await c.post("/videos", data={"a": "b"}, files={})
+            answers["fps 0"] = await c.post("/videos?fps=0", content=clip)
+            answers["unknown option"] = await c.post("/videos?colour=1", content=clip)
+            unknown = await c.get("/videos/" + "0" * 32)
+            bad_id = await c.get("/videos/not-an-id")
+            short = encode_clip(moving_face(12))   # 0.48 s: within the limit
+            ok = await c.post("/videos", content=short)
+            return answers, unknown, bad_id, await wait_done(c, ok.headers["location"])
+
+    answers, unknown, bad_id, ok = run(go())
+    statuses = {name: r.status_code for name, r in answers.items()}
+    for name, r in answers.items():
+        assert "detail" in r.json(), name
+    assert all(statuses[name] == 400 for name, _ in broken_corpus() if name != "jpeg-as-video"), statuses
+    assert statuses["jpeg-as-video"] == 415
+    assert statuses["png image"] == 415 and "not a video this service takes" in answers["png image"].json()["detail"]
+    assert statuses["empty"] == 400 and statuses["multipart without file"] == 400
+    assert statuses["too long"] == 413 and "limit is 1 s" in answers["too long"].json()["detail"]
+    assert statuses["too many bytes"] == 413 and statuses["text body"] == 415
+    assert statuses["fps 0"] == 422 and statuses["unknown option"] == 422
+    assert unknown.status_code == 404 and bad_id.status_code == 422
+    assert ok["status"] == "done" and len(ok["result"]["frames"]) == 3
+
+
+def test_csv_waits_for_the_result_and_a_full_service_answers_503(service_pipeline, tmp_path):
+    clip = encode_clip(moving_face(50))
+    s = settings(video_max_active=1, video_max_waiting=0, video_dir=tmp_path)
+
+    async def go():
+        async with app_client(s, [service_pipeline]) as c:
+            first = await c.post("/videos", content=clip)
+            early_csv = await c.get(first.headers["location"], params={"format": "csv"})
+            second = await c.post("/videos", content=clip)
+            uploads_while_running = sorted(p.name for p in tmp_path.iterdir())
+            done = await wait_done(c, first.headers["location"])
+            return first, early_csv, second, uploads_while_running, done
+
+    first, early_csv, second, uploads, done = run(go())
+    assert first.status_code == 202
+    assert early_csv.status_code == 409 and "once the status is done" in early_csv.json()["detail"]
+    assert second.status_code == 503 and second.headers["retry-after"]
+    assert uploads == [f"{first.json()['video_id']}.video"]          # the refused one left nothing
+    assert done["status"] == "done" and not list(tmp_path.iterdir())   # the upload is deleted once analysed
+
+
+def test_a_video_too_long_for_its_header_fails_while_decoding(service_pipeline):
+    """A WebM from a live recorder has no duration in its header: the limit is
+    checked while decoding, and the status says why it stopped."""
+    import av
+    buf = io.BytesIO()
+    out = av.open(buf, "w", format="webm", options={"live": "1"})
+    stream = out.add_stream("libvpx-vp9", rate=25)
+    stream.height, stream.width = 240, 360
+    for f in moving_face(50):
+        for p in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+            out.mux(p)
+    for p in stream.encode():
+        out.mux(p)
+    out.close()
+    s = settings(video_max_duration_s=1.0)
+
+    async def go():
+        async with app_client(s, [service_pipeline]) as c:
+            r = await c.post("/videos", content=buf.getvalue())
+            if r.status_code == 413:
+                pytest.skip("this FFmpeg writes a duration into live WebM headers")
+            return await wait_done(c, r.headers["location"])
+
+    body = run(go())
+    assert body["status"] == "failed" and body["error"]["kind"] == "video_too_large", body
+    assert body["result"] is None
