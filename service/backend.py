@@ -31,8 +31,8 @@ class Backend(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None, neutral: bool,
-                      largest: bool = False, pixels: int | None = None, identity: bool = False
-                      ) -> dict[str, Any]: ...
+                      largest: bool = False, pixels: int | None = None, identity: bool = False,
+                      keep: bool = True) -> dict[str, Any]: ...
     async def render(self, face_id: str, kind: str) -> dict[str, Any]: ...
     async def put_video(self, video_id: str, record: dict[str, Any]) -> None: ...
     async def get_video(self, video_id: str) -> dict[str, Any] | None: ...
@@ -169,11 +169,11 @@ class InProcessBackend:
         return _check(outcome.reply)
 
     async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None, neutral: bool,
-                      largest: bool = False, pixels: int | None = None, identity: bool = False
-                      ) -> dict[str, Any]:
+                      largest: bool = False, pixels: int | None = None, identity: bool = False,
+                      keep: bool = True) -> dict[str, Any]:
         return await self._call(Job(op=OP_ANALYZE, image=image, aligned=aligned, max_faces=max_faces,
                                     largest=largest, neutral=neutral, enqueued=time.time(), pixels=pixels,
-                                    identity=identity))
+                                    identity=identity, keep=keep))
 
     async def render(self, face_id: str, kind: str) -> dict[str, Any]:
         state = self.faces.get(face_id)
@@ -222,11 +222,11 @@ class RedisBackend:
         return _check(reply)
 
     async def analyze(self, image: bytes, *, aligned: bool, max_faces: int | None, neutral: bool,
-                      largest: bool = False, pixels: int | None = None, identity: bool = False
-                      ) -> dict[str, Any]:
+                      largest: bool = False, pixels: int | None = None, identity: bool = False,
+                      keep: bool = True) -> dict[str, Any]:
         return await self._submit({"op": OP_ANALYZE, "aligned": aligned, "max_faces": max_faces,
                                    "largest": largest, "neutral": neutral, "pixels": pixels,
-                                   "identity": identity}, image)
+                                   "identity": identity, "keep": keep}, image)
 
     async def render(self, face_id: str, kind: str) -> dict[str, Any]:
         from redis.exceptions import RedisError

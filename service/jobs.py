@@ -43,6 +43,7 @@ class Job:
     largest: bool = False            # analyze: keep only the largest face (POST /neutralize)
     neutral: bool = False            # analyze: include the neutral render (base64 PNG)
     identity: bool = False           # analyze: include each face's identity descriptor (video tracks)
+    keep: bool = True                # analyze: keep the face states for GET /neutralize (video frames: no)
     state: bytes | None = None       # render: FaceState bytes (None: unknown/expired)
     kind: str = "neutral"            # render: "neutral" | "residue"
     enqueued: float | None = None    # wall-clock time the client queued it (queue_ms)
@@ -52,7 +53,8 @@ class Job:
     def from_meta(cls, meta: dict[str, Any], image: bytes, state: bytes | None = None) -> Job:
         return cls(op=meta.get("op", OP_ANALYZE), image=image, aligned=bool(meta.get("aligned")),
                    max_faces=meta.get("max_faces"), largest=bool(meta.get("largest")),
-                   neutral=bool(meta.get("neutral")), identity=bool(meta.get("identity")), state=state,
+                   neutral=bool(meta.get("neutral")), identity=bool(meta.get("identity")),
+                   keep=bool(meta.get("keep", True)), state=state,
                    kind=meta.get("kind", "neutral"), enqueued=meta.get("enqueued"), pixels=meta.get("pixels"))
 
 

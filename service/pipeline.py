@@ -128,7 +128,8 @@ class Pipeline:
             for pred in res.faces:
                 face = to_original_pixels(pred.to_dict(), *scales[i])  # box, landmarks, score, expression, pose
                 face_id = uuid.uuid4().hex
-                states[face_id] = pred.state.to_bytes()
+                if jobs[i].keep:
+                    states[face_id] = pred.state.to_bytes()
                 face["face_id"] = face_id
                 if jobs[i].identity:
                     face["identity"] = [round(v, 5) for v in next(descriptors)]

@@ -48,6 +48,9 @@ class VideoOptionsIn(BaseModel):
                                                            "smoothed probabilities (0: none).")
     max_faces: int = Field(8, ge=1, le=MAX_FACES_LIMIT, description="Faces per frame, best detections first "
                                                                     "(capped by IPDFER_MAX_FACES).")
+    neutral: bool = Field(False, description="Each track's summary gains the neutral render (base64 PNG, "
+                                             "`neutral_png`) of its best frame (`neutral_frame`: the surest "
+                                             "detection of the most frontal face).")
 
 
 class VideoFormat(BaseModel):
@@ -166,7 +169,8 @@ class VideoOut(BaseModel):
     result: dict | None = Field(None, description="When done: `frames` (per sampled frame: frame, t and each "
                                                   "face's track, box, score, pose, probabilities, label, smoothed "
                                                   "probabilities and label), `tracks` (per face track: first_s, "
-                                                  "last_s, frames, dominant, share, mean_pose) and `stats`.")
+                                                  "last_s, frames, dominant, share, mean_pose; with neutral=true "
+                                                  "neutral_frame and neutral_png) and `stats`.")
 
 
 class ErrorOut(BaseModel):

@@ -125,13 +125,13 @@ class VideoJobs:
         except Exception:  # noqa: BLE001 - the store itself is down: nothing more to tell
             log.exception("could not record the failure of video %s", record["video_id"])
 
-    async def _frame(self, png: bytes, pixels: int, max_faces: int) -> dict[str, Any]:
+    async def _frame(self, png: bytes, pixels: int, max_faces: int, neutral: bool = False) -> dict[str, Any]:
         """One frame as an analyze job; "busy" answers are retried for a while."""
         deadline = time.monotonic() + RETRY_FOR_S
         while True:
             try:
-                return await self.backend.analyze(png, aligned=False, max_faces=max_faces, neutral=False,
-                                                  pixels=pixels, identity=True)
+                return await self.backend.analyze(png, aligned=False, max_faces=max_faces, neutral=neutral,
+                                                  pixels=pixels, identity=not neutral, keep=False)
             except RETRY_LATER:
                 if time.monotonic() > deadline:
                     raise
@@ -150,12 +150,13 @@ class VideoJobs:
             f = next(frames, None)
             return None if f is None else (f.index, f.t, _png(f.rgb), f.rgb.shape[0] * f.rgb.shape[1])
 
-        in_flight: deque[tuple[int, float, asyncio.Task]] = deque()
+        in_flight: deque[tuple[int, float, bytes, asyncio.Task]] = deque()
+        best: dict[int, tuple[float, int, bytes, list[float]]] = {}   # track -> (quality, frame, png, box)
         last_save = time.monotonic()
 
         async def take_oldest() -> None:
             nonlocal last_save
-            index, t, task = in_flight.popleft()
+            index, t, png, task = in_flight.popleft()
             try:
                 reply, error = await task, None
             except JobError as e:   # this frame only (e.g. it does not decode)
@@ -164,6 +165,11 @@ class VideoJobs:
             descriptors = np.array([f["identity"] for f in faces], np.float32).reshape(-1, 128)
             timeline.add(index, t, [{k: v for k, v in f.items() if k not in ("identity", "face_id", "neutral_png")}
                                     for f in faces], descriptors, error)
+            if o.get("neutral"):
+                for row in timeline.frames[-1]["faces"]:
+                    quality = _quality(row)
+                    if row["track"] not in best or quality > best[row["track"]][0]:
+                        best[row["track"]] = (quality, index, png, row["box"])
             if time.monotonic() - last_save > PROGRESS_EVERY_S:
                 last_save = time.monotonic()
                 await self._save(record, progress={**record["progress"], "frames_done": len(timeline.frames)})
@@ -171,14 +177,41 @@ class VideoJobs:
         try:
             while (item := await asyncio.to_thread(next_frame)) is not None:
                 index, t, png, pixels = item
-                in_flight.append((index, t, asyncio.ensure_future(self._frame(png, pixels, options.max_faces))))
-                while len(in_flight) >= self.settings.video_frames_in_flight or (in_flight and in_flight[0][2].done()):
+                in_flight.append((index, t, png, asyncio.ensure_future(self._frame(png, pixels, options.max_faces))))
+                while len(in_flight) >= self.settings.video_frames_in_flight or (in_flight and in_flight[0][3].done()):
                     await take_oldest()
             while in_flight:
                 await take_oldest()
         finally:
-            for _, _, task in in_flight:
+            for *_, task in in_flight:
                 task.cancel()
             await asyncio.to_thread(frames.close)
         stats.pop("info", None)
-        return timeline.result(record["video"], {**stats, "options": options.__dict__}).to_dict()
+        result = timeline.result(record["video"], {**stats, "options": options.__dict__}).to_dict()
+        for track in result["tracks"]:
+            if track["track"] in best:
+                _, index, png, box = best[track["track"]]
+                track["neutral_frame"] = index
+                track["neutral_png"] = await self._neutral(png, box, options.max_faces)
+        return result
+
+    async def _neutral(self, png: bytes, box: list[float], max_faces: int) -> str | None:
+        """The neutral render (base64 PNG) of the face at `box` in a frame: the frame
+        again, with renders, and the face that overlaps the box most."""
+        reply = await self._frame(png, 0, max_faces, neutral=True)
+        faces = [f for f in reply["faces"] if f.get("neutral_png")]
+        if not faces:
+            return None
+        return max(faces, key=lambda f: _iou(f["box"], box))["neutral_png"]
+
+
+def _quality(row: dict[str, Any]) -> float:
+    """Which frame of a track to render neutral: the surest detection of the most frontal face."""
+    return row["score"] - (abs(row["pose"]["yaw"]) + abs(row["pose"]["pitch"])) / 90.0
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0

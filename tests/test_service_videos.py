@@ -4,6 +4,7 @@ refused with 4xx at upload, and the service keeps answering after them."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import time
 
@@ -45,11 +46,13 @@ def test_a_video_over_http_is_what_ipdfer_video_gives(service_pipeline):
             assert first["video"]["width"] == 360 and first["video"]["codec"] == "h264"
             body = await wait_done(c, r.headers["location"])
             csv = await c.get(r.headers["location"], params={"format": "csv"})
-            # a raw body works too
-            raw = await c.post("/videos", content=clip, headers={"content-type": "video/mp4"})
-            return body, csv, await wait_done(c, raw.headers["location"])
+            # a raw body works too; neutral renders of each track's best frame on request
+            raw = await c.post("/videos?neutral=true", content=clip, headers={"content-type": "video/mp4"})
+            raw = await wait_done(c, raw.headers["location"])
+            metrics = (await c.get("/metrics")).text
+            return body, csv, raw, metrics
 
-    body, csv, raw = run(go())
+    body, csv, raw, metrics = run(go())
     assert body["status"] == "done" and body["error"] is None, body
     assert body["progress"]["frames_done"] == 10
     result = body["result"]
@@ -64,7 +67,14 @@ def test_a_video_over_http_is_what_ipdfer_video_gives(service_pipeline):
     assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
     lines = csv.text.splitlines()
     assert lines[0].split(",") == CSV_COLUMNS and len(lines) == 11
-    assert raw["status"] == "done" and raw["result"]["tracks"] == result["tracks"]
+    assert raw["status"] == "done" and raw["result"]["frames"] == result["frames"]
+    (track,) = raw["result"]["tracks"]
+    assert track["neutral_frame"] in [f["frame"] for f in result["frames"]]
+    neutral = Image.open(io.BytesIO(base64.b64decode(track["neutral_png"])))
+    assert neutral.format == "PNG" and neutral.size == (128, 128)
+    assert "neutral_png" not in result["tracks"][0]
+    # video frames do not fill the store of faces kept for GET /neutralize
+    assert "ipdfer_face_states 0.0" in metrics
 
 
 def _png(size: int = 64) -> bytes:
