@@ -10,6 +10,12 @@
 
     .venv/bin/python benchmarks/video.py                       # speed + smoothing, ~2 min on 2 cores
     .venv/bin/python benchmarks/video.py --memory --long 10    # + peak RSS 1x vs 10x (minutes)
+    .venv/bin/python benchmarks/video.py --http inprocess      # the same clip through POST /videos
+    .venv/bin/python benchmarks/video.py --http redis --workers 2
+
+With `--http`, a service is started here on 127.0.0.1 (benchmarks/load.py's
+launcher), the clip is uploaded to POST /videos and GET /videos/{id} is polled:
+the time is from the upload's start to status done.
 """
 from __future__ import annotations
 
@@ -68,6 +74,28 @@ def analyse(path: Path, fps: float, smoothing: float) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def over_http(path: Path, mode: str, workers: int, fps: float, smoothing: float) -> dict:
+    import httpx
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from load import running
+    with tempfile.TemporaryDirectory() as logs, running(mode, 16, 10.0, workers, Path(logs)) as (url, ready):
+        with httpx.Client(base_url=url, timeout=600) as c:
+            t0 = time.perf_counter()
+            r = c.post("/videos", params={"fps": fps, "smoothing": smoothing}, content=path.read_bytes(),
+                       headers={"content-type": "video/mp4"})
+            r.raise_for_status()
+            uploaded = time.perf_counter() - t0
+            while (body := c.get(r.headers["location"]).json())["status"] not in ("done", "failed"):
+                time.sleep(0.2)
+            wall = time.perf_counter() - t0
+    if body["status"] != "done":
+        raise SystemExit(f"video failed: {body['error']}")
+    frames = body["result"]["frames"]
+    return {"mode": mode, "workers": len(ready["workers"]), "wall_s": round(wall, 2), "upload_s": round(uploaded, 2),
+            "frames": len(frames), "frames_per_s": round(len(frames) / wall, 2),
+            "tracks": len(body["result"]["tracks"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0)
@@ -76,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoothing", type=float, default=0.5)
     ap.add_argument("--memory", action="store_true", help="also peak RSS of a --long times longer clip")
     ap.add_argument("--long", type=float, default=10.0)
+    ap.add_argument("--http", choices=("inprocess", "redis"), help="through POST /videos of a service started here")
+    ap.add_argument("--workers", type=int, default=2, help="--http redis: worker processes")
     ap.add_argument("--analyse", type=Path, help=argparse.SUPPRESS)   # child process: one clip, JSON out
     args = ap.parse_args(argv)
     if args.analyse:
@@ -91,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             make_clip(path, seconds, size)
             print(f"encoded {seconds:g} s at {args.size} in {time.perf_counter() - t0:.0f} s "
                   f"({path.stat().st_size / 1e6:.1f} MB)", flush=True)
+            if args.http:
+                row = over_http(path, args.http, args.workers, args.fps, args.smoothing)
+                print(f"{seconds:6g} s clip through POST /videos ({row['mode']}, {row['workers']} worker(s)): "
+                      f"{row['frames']} frames in {row['wall_s']} s ({row['frames_per_s']} frames/s; upload "
+                      f"{row['upload_s']} s), {row['tracks']} track(s)", flush=True)
+                continue
             out = subprocess.run([sys.executable, __file__, "--analyse", str(path), "--fps", str(args.fps),
                                   "--smoothing", str(args.smoothing)], capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
