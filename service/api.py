@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, Security
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, Security, WebSocket
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -254,6 +254,16 @@ async def video_status(video_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", 
     csv_text = to_csv(VideoResult(info=r["video"], frames=r["frames"], tracks=r["tracks"], stats=r["stats"]))
     return Response(csv_text, media_type="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="{video_id}.csv"'})
+
+
+@router.websocket("/live")
+async def live(ws: WebSocket,
+               smoothing: Annotated[float, Query(ge=0, le=10, description="Smoothing time constant, s.")] = 0.5,
+               max_faces: Annotated[int, Query(ge=1, le=64, description="Faces per frame.")] = 4) -> None:
+    """Live camera: binary frames in, tracked and smoothed faces out (service/live.py)."""
+    from service import live as live_session
+    settings = ws.app.state.settings
+    await live_session.session(ws, settings, ws.app.state.backend, smoothing, min(max_faces, settings.max_faces))
 
 
 @router.get("/healthz", response_model=HealthOut, tags=["operations"], summary="The process is alive")

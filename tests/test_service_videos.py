@@ -168,3 +168,48 @@ def test_a_video_too_long_for_its_header_fails_while_decoding(service_pipeline):
     body = run(go())
     assert body["status"] == "failed" and body["error"]["kind"] == "video_too_large", body
     assert body["result"] is None
+
+
+# --- live camera over a WebSocket ----------------------------------------------------
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_live_frames_get_tracked_smoothed_faces_and_a_bad_frame_fails_alone(service_pipeline):
+    from fastapi.testclient import TestClient
+    from service.backend import InProcessBackend
+    from service.server import create_app
+    s = settings(api_key="sesame")
+    app = create_app(s, backend=InProcessBackend(s, pipelines=[service_pipeline]))
+    frames = moving_face(30)[::5]
+    with TestClient(app) as client:
+        replies = []
+        with client.websocket_connect("/live?smoothing=0.5&key=sesame") as ws:
+            for k, rgb in enumerate(frames):
+                ws.send_bytes(_jpeg(rgb) if k != 3 else b"\xff\xd8 not a jpeg")
+                replies.append(ws.receive_json())
+        with pytest.raises(Exception) as refused:   # wrong key: closed before accepting
+            with client.websocket_connect("/live?key=wrong") as ws:
+                ws.receive_json()
+        with client.websocket_connect("/live", headers={"X-API-Key": "sesame"}) as ws:
+            ws.send_text("hello")
+            closed = ws.receive()
+    assert [r["frame"] for r in replies] == list(range(len(frames)))
+    assert replies[3]["status"] == 400 and "error" in replies[3] and "faces" not in replies[3]
+    good = [r for k, r in enumerate(replies) if k != 3]
+    assert all(len(r["faces"]) == 1 and r["faces"][0]["track"] == 1 for r in good), good
+    assert [r["t"] for r in good] == sorted(r["t"] for r in good)
+    for r in good:
+        face = r["faces"][0]
+        assert set(face["smoothed"]) == set(EXPRESSIONS) and face["smoothed_label"] in EXPRESSIONS
+        assert sum(face["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert face["box"][0] < face["box"][2] and "identity" not in face
+    # a track's first frame has nothing to smooth with: smoothed = raw
+    first = good[0]["faces"][0]
+    assert first["smoothed"] == pytest.approx(first["probabilities"], abs=1e-4)
+    assert "1008" in str(refused.value) or getattr(refused.value, "code", None) == 1008
+    assert closed["type"] == "websocket.close" and closed["code"] == 1003
