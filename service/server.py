@@ -190,7 +190,7 @@ def add_web_page(app: FastAPI) -> None:
     """The try-it page's files as explicit GET routes (not a catch-all mount at "/",
     which answered every unknown path and method itself: GET /predict was a 404)."""
     from fastapi.responses import FileResponse
-    files = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
+    files = {"/": "index.html", "/app.js": "app.js", "/live.js": "live.js", "/style.css": "style.css"}
     def serve(path: Path):  # no parameters: nothing of the request chooses the file
         def page() -> FileResponse:
             return FileResponse(path)

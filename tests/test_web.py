@@ -1,14 +1,16 @@
 """The try-it page at GET / in a real headless Chromium (Debian's /usr/bin/chromium,
 driven by Playwright; no browser download) against a real `ipdfer serve`
 (in-process mode, real weights) on a free port: a photo picked with the file input,
-a photo dropped on the drop zone, a webcam capture (Chromium's fake camera), and API
-errors shown with the API's own `detail`. Checks what is drawn, not just that the
+a photo dropped on the drop zone, a webcam capture (Chromium's fake camera, fed a
+clip of a real face), the live camera over the WebSocket, a video upload plotted
+per person, and API errors shown with the API's own `detail`. Checks what is drawn, not just that the
 page loads: boxes on the canvas where the API put them, 7 expression bars per face,
 the pose numbers, the neutral render decoded, and nothing fetched from another origin.
 
 Needs `chromium` (apt) and `playwright` (pip). Missing either skips here and fails
 in CI. IPDFER_CHROMIUM overrides the browser path; IPDFER_WEB_SCREENSHOT the path
-of the screenshot the first test writes (default /tmp/ipdfer_web.png)."""
+of the screenshot the first test writes (default /tmp/ipdfer_web.png),
+IPDFER_LIVE_SCREENSHOT that of the live mode (default /tmp/ipdfer_live.png)."""
 from __future__ import annotations
 
 import base64
@@ -32,6 +34,7 @@ from tests.test_service_api import astronaut, encode
 ROOT = Path(__file__).resolve().parents[1]
 STATIC = ROOT / "service" / "static"
 SCREENSHOT = Path(os.environ.get("IPDFER_WEB_SCREENSHOT", "/tmp/ipdfer_web.png"))
+LIVE_SCREENSHOT = Path(os.environ.get("IPDFER_LIVE_SCREENSHOT", "/tmp/ipdfer_live.png"))
 
 
 def _missing(what: str) -> None:
@@ -77,9 +80,41 @@ def web_url(tmp_path_factory):
         terminate(proc)
 
 
+def camera_frames(n: int = 100) -> list[np.ndarray]:
+    """A close-up of the astronaut's face (200 px) drifting right and back (the
+    camera loops the clip) over a grey 480 x 320 background, 2 px a frame."""
+    from PIL import Image
+    face = np.asarray(Image.fromarray(astronaut()[20:276, 120:376]).resize((200, 200)))
+    frames = []
+    for k in range(n):
+        x = 40 + 2 * min(k, n - k)
+        img = np.full((320, 480, 3), 70, np.uint8)
+        img[60:260, x:x + 200] = face
+        frames.append(img)
+    return frames
+
+
+def fake_camera(path: Path) -> Path:
+    """The frames as a Y4M clip (Chromium's fake camera format), played in a loop as the webcam."""
+    import av
+    out = av.open(str(path), "w", format="yuv4mpegpipe")
+    stream = out.add_stream("rawvideo", rate=25)
+    frames = camera_frames()
+    stream.height, stream.width = frames[0].shape[:2]
+    stream.pix_fmt = "yuv420p"
+    for f in frames:
+        for p in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+            out.mux(p)
+    for p in stream.encode():
+        out.mux(p)
+    out.close()
+    return path
+
+
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     executable = chromium_path()
+    camera = fake_camera(tmp_path_factory.mktemp("camera") / "face.y4m")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -87,9 +122,9 @@ def browser():
     with sync_playwright() as p:
         b = p.chromium.launch(
             executable_path=executable, headless=True,
-            # --no-sandbox: CI runs as root; fake media: a test pattern as the webcam.
-            args=["--no-sandbox", "--disable-dev-shm-usage",
-                  "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+            # --no-sandbox: CI runs as root; fake media: a clip of a face as the webcam.
+            args=["--no-sandbox", "--disable-dev-shm-usage", "--use-fake-device-for-media-stream",
+                  "--use-fake-ui-for-media-stream", f"--use-file-for-fake-video-capture={camera}"])
         yield b
         b.close()
 
@@ -240,11 +275,56 @@ def test_webcam_capture_is_analysed(page):
     assert pg.is_hidden("#drop")
     with pg.expect_response(lambda r: "/predict" in r.url) as answer:
         pg.click("#capture")
-    assert answer.value.status == 200  # Chromium's fake camera: a test pattern, a real JPEG
+    assert answer.value.status == 200  # Chromium's fake camera: the face clip, a real JPEG
     assert page.wait_state("done", "error") == "done"
     assert pg.is_visible("#drop") and pg.is_hidden("#camera")
     assert pg.evaluate("document.getElementById('photo').naturalWidth") > 0
     assert page.errors == []
+
+
+def test_live_camera_tracks_the_face_and_draws_its_smoothed_bars(page):
+    pg = page.page
+    pg.click("#webcam")
+    pg.wait_for_function("() => document.getElementById('video').videoWidth > 0", timeout=20_000)
+    pg.click("#live")
+    assert pg.is_visible("#live-panel") and pg.is_hidden("#camera")
+    pg.wait_for_function("() => +document.getElementById('live-meta').dataset.answered >= 6", timeout=90_000)
+    boxes = json.loads(pg.get_attribute("#live-overlay", "data-boxes"))
+    assert [b["track"] for b in boxes] == [1], boxes   # one face, one track across the frames
+    x1, y1, x2, y2 = boxes[0]["box"]
+    assert 60 <= y1 < y2 <= 260 and 50 < x2 - x1 < 160   # the face of the 200 px close-up (camera_frames)
+    bars = pg.query_selector_all("#live-faces .face[data-track='1'] .bar")
+    assert [b.get_attribute("data-label") for b in bars] == list(EXPRESSIONS)
+    assert sum(float(b.get_attribute("data-p")) for b in bars) == pytest.approx(1.0, abs=1e-3)
+    LIVE_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    pg.screenshot(path=str(LIVE_SCREENSHOT), full_page=True)
+    pg.click("#live-stop")
+    assert pg.evaluate("document.body.dataset.live") == "off" and pg.is_hidden("#live-panel")
+    assert pg.is_visible("#drop")
+    assert page.errors == [] and all(u.startswith(page.url.replace("http", "ws", 1)) or u.startswith(page.url)
+                                     for u in page.requests)
+
+
+def test_a_video_upload_plots_each_person_over_time(page, tmp_path):
+    from tests.test_video import encode_clip, moving_face
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(encode_clip(moving_face(50)))
+    pg = page.page
+    with pg.expect_response(lambda r: r.url.endswith("/videos")) as answer:
+        pg.set_input_files("#video-file", str(clip))
+    assert answer.value.status == 202
+    pg.wait_for_function("() => ['done', 'failed'].includes(document.body.dataset.video)", timeout=120_000)
+    assert pg.evaluate("document.body.dataset.video") == "done", pg.inner_text("#error")
+    plots = pg.query_selector_all("#video-tracks .video-track")
+    assert [p.get_attribute("data-track") for p in plots] == ["1"]
+    assert pg.get_attribute("#video-tracks canvas", "data-points") == "10"   # 2 s at 5 frames/s
+    assert len(pg.query_selector_all("#video-tracks .legend span")) == 7
+    assert "10 frames analysed, 1 person" in pg.inner_text("#video-status")
+    # a broken upload: the API's detail on the page
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    pg.set_input_files("#video-file", str(tmp_path / "broken.mp4"))
+    pg.wait_for_function("() => document.body.dataset.video === 'failed'", timeout=30_000)
+    assert "Error 400" in pg.inner_text("#error") and "not a video container" in pg.inner_text("#error")
 
 
 def test_page_is_self_contained():
@@ -253,10 +333,10 @@ def test_page_is_self_contained():
     html = (STATIC / "index.html").read_text()
     refs = re.findall(r'(?:src|href)="([^"]+)"', html)
     assets = [r for r in refs if not r.startswith(("data:", "#")) and r != "docs"]
-    assert {"style.css", "app.js"} <= set(assets)
+    assert {"style.css", "app.js", "live.js"} <= set(assets)
     for ref in assets:
         assert (STATIC / ref).is_file(), ref
-    for name in ("index.html", "app.js", "style.css"):
+    for name in ("index.html", "app.js", "live.js", "style.css"):
         text = (STATIC / name).read_text()
         assert not re.search(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}", text), f"{name} points at another origin"
         assert "@import" not in text and "<script src=\"http" not in text
