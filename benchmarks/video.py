@@ -12,6 +12,14 @@
     .venv/bin/python benchmarks/video.py --memory --long 10    # + peak RSS 1x vs 10x (minutes)
     .venv/bin/python benchmarks/video.py --http inprocess      # the same clip through POST /videos
     .venv/bin/python benchmarks/video.py --http redis --workers 2
+    .venv/bin/python benchmarks/video.py --steady a.jpg b.jpg  # smoothing on real faces held still
+
+With `--steady`, each photo becomes a `--seconds` clip of a face held still in
+front of a hand-held camera (per frame: shift, zoom and rotation jitter, exposure
+flicker, sensor noise, then H.264): the expression does not change, so every
+label change is noise. Printed per photo and in all: label changes per second
+raw vs smoothed (tau 0.5 and 1 s), and the share of frames labelled as the photo
+is when sent as one image.
 
 With `--http`, a service is started here on 127.0.0.1 (benchmarks/load.py's
 launcher), the clip is uploaded to POST /videos and GET /videos/{id} is polled:
@@ -53,6 +61,67 @@ def make_clip(path: Path, seconds: float, size: tuple[int, int], rate: int = 25)
     for p in s.encode():
         out.mux(p)
     out.close()
+
+
+def steady_clip(photo: Path, path: Path, seconds: float, rate: int = 25, seed: int = 0) -> None:
+    import av
+    import cv2
+    rgb = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
+    h, w = rgb.shape[:2]
+    rng = np.random.default_rng(seed)
+    out = av.open(str(path), "w")
+    s = out.add_stream("libx264", rate=rate, options={"preset": "ultrafast", "crf": "23"})
+    s.width, s.height, s.pix_fmt = w - w % 2, h - h % 2, "yuv420p"
+    drift = np.zeros(4)
+    for _ in range(int(seconds * rate)):
+        drift = 0.9 * drift + rng.normal(0, [0.6, 0.6, 0.004, 0.3])      # a hand: slow, correlated
+        dx, dy, zoom, angle = drift
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1 + zoom)
+        m[:, 2] += (dx, dy)
+        frame = cv2.warpAffine(rgb, m, (w, h), borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+        frame = frame * (1 + rng.normal(0, 0.03)) + rng.normal(0, 4, frame.shape)   # exposure, sensor noise
+        frame = np.clip(frame, 0, 255).astype(np.uint8)[:s.height, :s.width]
+        for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            out.mux(p)
+    for p in s.encode():
+        out.mux(p)
+    out.close()
+
+
+def steady(photos: list[Path], seconds: float, fps: float) -> None:
+    import cv2
+    from model.serving.analyzer import Analyzer, ImageRequest
+    from model.video.analyze import VideoOptions, analyze_video
+    analyzer = Analyzer.load()
+    analyzer.warmup()
+    changes = lambda labels: sum(a != b for a, b in zip(labels, labels[1:]))  # noqa: E731
+    totals = {"raw": 0, "0.5": 0, "1": 0, "frames": 0, "same": 0, "seconds": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        for photo in photos:
+            image = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
+            faces = analyzer.analyze([ImageRequest(image, max_faces=1)]).images[0].faces
+            if not faces:
+                print(f"{photo.name}: no face found in the photo, skipped")
+                continue
+            still = faces[0].label
+            clip = Path(tmp) / f"{photo.stem}.mp4"
+            steady_clip(photo, clip, seconds)
+            row = {}
+            for tau in (0.5, 1.0):
+                result = analyze_video(analyzer, clip, VideoOptions(fps=fps, smoothing_s=tau, max_faces=1))
+                raw = [f["faces"][0]["label"] for f in result.frames if f["faces"]]
+                row[f"{tau:g}"] = changes([f["faces"][0]["smoothed_label"] for f in result.frames if f["faces"]])
+            row["raw"], row["frames"], row["same"] = changes(raw), len(raw), sum(label == still for label in raw)
+            for k in row:
+                totals[k] += row[k]
+            totals["seconds"] += seconds
+            print(f"{photo.name}: photo read as {still}; {row['frames']} frames with a face, {row['same']} labelled "
+                  f"{still}; label changes/s raw {row['raw'] / seconds:.3f}, smoothed tau 0.5 s "
+                  f"{row['0.5'] / seconds:.3f}, tau 1 s {row['1'] / seconds:.3f}", flush=True)
+    t = totals["seconds"] or 1.0
+    print(f"all {len(photos)} photos, {t:g} s of video: label changes/s raw {totals['raw'] / t:.3f}, smoothed "
+          f"tau 0.5 s {totals['0.5'] / t:.3f}, tau 1 s {totals['1'] / t:.3f}; frames labelled as the photo "
+          f"{totals['same'] / max(totals['frames'], 1):.1%}")
 
 
 def analyse(path: Path, fps: float, smoothing: float) -> dict:
@@ -106,10 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long", type=float, default=10.0)
     ap.add_argument("--http", choices=("inprocess", "redis"), help="through POST /videos of a service started here")
     ap.add_argument("--workers", type=int, default=2, help="--http redis: worker processes")
+    ap.add_argument("--steady", type=Path, nargs="+", metavar="PHOTO", help="smoothing on these faces held still")
     ap.add_argument("--analyse", type=Path, help=argparse.SUPPRESS)   # child process: one clip, JSON out
     args = ap.parse_args(argv)
     if args.analyse:
         print(json.dumps(analyse(args.analyse, args.fps, args.smoothing)))
+        return 0
+    if args.steady:
+        steady(args.steady, args.seconds, args.fps)
         return 0
     size = tuple(int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
