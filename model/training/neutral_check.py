@@ -31,6 +31,7 @@ import random
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -82,9 +83,22 @@ def rate(x) -> float:
     return round(float(np.mean(x)), 4) if len(x) else float("nan")
 
 
+def classifier_judge(model: IPDFER) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """grey face crops -> (N,7) probabilities of an IPD-FER classifier (mirror averaged)."""
+    def probs(crops: list[np.ndarray]) -> np.ndarray:
+        s = model.cfg.image_size
+        small = [cv2.resize(c, (s, s), interpolation=cv2.INTER_AREA) for c in crops]
+        with torch.inference_mode():
+            return encode_with_mirror(model.encode, facelib.to_model_input(small), margin=1.0)["probs"].numpy()
+    return probs
+
+
 def neutral_photo_check(analyzer: Analyzer, judge: IPDFER, root: Path, manifest: Path = MANIFEST,
-                        split: str = "test", out: Path | None = None, seed: int = 0) -> dict:
-    """Every figure above, printed and returned; `root` is the muxspace folder."""
+                        split: str = "test", out: Path | None = None, seed: int = 0,
+                        more_judges: dict[str, Callable[[list[np.ndarray]], np.ndarray]] | None = None) -> dict:
+    """Every figure above, printed and returned; `root` is the muxspace folder.
+    `more_judges` (name -> crops -> probabilities) judge the renders too, each
+    with the same controls (`judged_neutral_by` in the report)."""
     torch.manual_seed(seed)
     people = people_with_both(manifest, split)
     n_expr = sum(len(v["expressive"]) for v in people.values())
@@ -182,20 +196,15 @@ def neutral_photo_check(analyzer: Analyzer, judge: IPDFER, root: Path, manifest:
     print("sharpness, median Laplacian variance / the person's real neutral photos: "
           + ", ".join(f"{k} {np.median(v):.3f}" for k, v in sharp.items()))
 
-    # 4. judged neutral by a separately trained classifier ------------------------------------------
-    def judged_neutral(crops: list[np.ndarray]) -> np.ndarray:
-        s = judge.cfg.image_size
-        small = [cv2.resize(c, (s, s), interpolation=cv2.INTER_AREA) for c in crops]
-        with torch.inference_mode():
-            probs = encode_with_mirror(judge.encode, facelib.to_model_input(small), margin=1.0)["probs"]
-        return (probs.argmax(1) == NEUTRAL).numpy()
-
-    judged = {"render": judged_neutral([renders[p] for _, p in expr]),
-              "input": judged_neutral([large(p) for _, p in expr]),
-              "blurred input": judged_neutral([blurred[p] for _, p in expr]),
-              "real neutral photos": judged_neutral([large(p) for _, p in refs])}
-    report["judged_neutral"] = {k: rate(v) for k, v in judged.items()}
-    print("\njudged neutral by the judge: " + ", ".join(f"{k} {v.mean():.1%}" for k, v in judged.items()))
+    # 4. judged neutral by a separately trained classifier (and any other judge) -----------------------
+    crops = {"render": [renders[p] for _, p in expr], "input": [large(p) for _, p in expr],
+             "blurred input": [blurred[p] for _, p in expr], "real neutral photos": [large(p) for _, p in refs]}
+    report["judged_neutral_by"] = {}
+    for name, judge_probs in {"judge": classifier_judge(judge), **(more_judges or {})}.items():
+        judged = {k: judge_probs(v).argmax(1) == NEUTRAL for k, v in crops.items()}
+        report["judged_neutral_by"][name] = {k: rate(v) for k, v in judged.items()}
+        print(f"\njudged neutral by {name}: " + ", ".join(f"{k} {v.mean():.1%}" for k, v in judged.items()))
+    report["judged_neutral"] = report["judged_neutral_by"]["judge"]
 
     # 5. where the residue is ---------------------------------------------------------------------
     states = [faces[p].state for _, p in expr]
