@@ -73,15 +73,14 @@ class VideoJobs:
             raise QueueFull(f"{self._waiting} videos are waiting or running")
         try:
             info = await asyncio.to_thread(read_info, path, self.limits)
-        except BaseException:
+            now = time.time()
+            record = {"video_id": video_id, "status": "queued", "created": now, "updated": now, "options": options,
+                      "progress": {"frames_done": 0, "frames_expected": info.expected_samples(1.0 / options["fps"])},
+                      "video": info.__dict__, "error": None, "result": None}
+            await self.backend.put_video(video_id, record)
+        except BaseException:   # refused, or the store is down: nothing of the upload stays
             path.unlink(missing_ok=True)
             raise
-        now = time.time()
-        every = 1.0 / options["fps"]
-        record = {"video_id": video_id, "status": "queued", "created": now, "updated": now, "options": options,
-                  "progress": {"frames_done": 0, "frames_expected": info.expected_samples(every)},
-                  "video": info.__dict__, "error": None, "result": None}
-        await self.backend.put_video(video_id, record)
         self._waiting += 1
         task = asyncio.get_running_loop().create_task(self._run(record, path))
         self._tasks.add(task)
