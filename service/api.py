@@ -222,11 +222,11 @@ async def submit_video(request: Request, options: Annotated[VideoOptionsIn, Quer
     too long video is refused here); `Location` is the status URL. Sampled frames
     go through the same queue and batches as /predict; each face gets a track id
     across frames and smoothed probabilities."""
-    video_id, path = videos.upload_path()
+    video_id, path = videos.reserve()   # 503 at once when full, before the body is read
     try:
         await save_video_upload(request, settings, path)
     except BaseException:
-        path.unlink(missing_ok=True)
+        videos.release(path)
         raise
     record = await videos.start(video_id, path, options.model_dump())
     return JSONResponse(VideoOut(**record).model_dump(), status_code=202,

@@ -11,10 +11,14 @@ server's clock since the session began, so smoothing follows real time.
 Messages to the client, JSON text: `{"frame", "t", "faces": [...], "ms"}` or,
 for a frame that could not be analysed, `{"frame", "t", "error", "status"}`
 (the status POST /predict would have answered); the session goes on either way.
+With IPDFER_API_KEY set, the key comes in the X-API-Key header or as a first text
+message `{"key": "..."}` (browsers cannot set WebSocket headers, and a key in the
+URL would be written to access logs); else the session closes with 1008.
 """
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from typing import Any
 
@@ -26,27 +30,33 @@ from service.errors import RETRY_LATER, JobError, ResultTimeout, client_detail, 
 from service.images import probe
 from service.settings import Settings
 
-POLICY_VIOLATION = 1008   # WebSocket close code: wrong key
-UNSUPPORTED_DATA = 1003   # a text message where a frame was expected
+POLICY_VIOLATION = 1008   # WebSocket close code: missing or wrong key
+UNSUPPORTED_DATA = 1003   # a text message that is not the key
+FORGET_AFTER_S = 300.0    # a person unseen this long gets a new track id (bounds a session's memory)
 
 
-def authorised(ws: WebSocket, settings: Settings) -> bool:
-    """The key in the X-API-Key header or, as browsers cannot set headers on a
-    WebSocket, in the `key` query parameter."""
-    expected = settings.api_key.get_secret_value() if settings.api_key else None
-    if not expected:
-        return True
-    given = ws.headers.get("x-api-key") or ws.query_params.get("key") or ""
+def _key_message(text: str) -> str | None:
+    """The key of a text message {"key": "..."}; None for any other text."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    key = message.get("key") if isinstance(message, dict) else None
+    return key if isinstance(key, str) else None
+
+
+def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
 async def session(ws: WebSocket, settings: Settings, backend: Backend, smoothing_s: float, max_faces: int) -> None:
     from model.video.analyze import Timeline, VideoOptions
-    if not authorised(ws, settings):
-        await ws.close(POLICY_VIOLATION, "missing or wrong API key (X-API-Key header or ?key=)")
-        return
-    await ws.accept()
-    timeline = Timeline(VideoOptions(smoothing_s=smoothing_s, max_faces=max_faces))
+    expected = settings.api_key.get_secret_value() if settings.api_key else None
+    # The key comes in the X-API-Key header or, as browsers cannot set headers on a
+    # WebSocket, in a first text message: never in the URL, which servers log.
+    authorised = not expected or _same(ws.headers.get("x-api-key", ""), expected)
+    await ws.accept()   # then close with a code and reason a browser can read
+    timeline = Timeline(VideoOptions(smoothing_s=smoothing_s, max_faces=max_faces), forget_after_s=FORGET_AFTER_S)
     start, index = time.monotonic(), 0
     while True:
         try:
@@ -55,26 +65,37 @@ async def session(ws: WebSocket, settings: Settings, backend: Backend, smoothing
             return
         if message["type"] == "websocket.disconnect":
             return
-        data = message.get("bytes")
-        if data is None:
-            await ws.close(UNSUPPORTED_DATA, "send each frame as a binary message (JPEG or PNG)")
+        if message.get("text") is not None:
+            key = _key_message(message["text"])
+            if key is None:
+                await ws.close(UNSUPPORTED_DATA, 'send frames as binary messages; the only text message is {"key": "..."}')
+                return
+            authorised = authorised or (expected is not None and _same(key, expected))
+            if not authorised:
+                await ws.close(POLICY_VIOLATION, "wrong API key")
+                return
+            continue
+        if not authorised:
+            await ws.close(POLICY_VIOLATION, 'missing API key: send it in X-API-Key or as a first text message {"key": "..."}')
             return
+        data = message.get("bytes") or b""
         t, t0 = round(time.monotonic() - start, 3), time.perf_counter()
         try:
             _, width, height = probe(data, max_pixels=settings.max_pixels, max_bytes=settings.max_body_bytes,
                                      min_side=settings.min_image_side)
             reply = await backend.analyze(data, aligned=False, max_faces=max_faces, neutral=False,
                                           pixels=width * height, identity=True, keep=False)
+            faces = reply["faces"]
+            descriptors = np.array([f["identity"] for f in faces], np.float32).reshape(-1, 128)
+            timeline.add(index, t, [_face(f) for f in faces], descriptors)
+            answer = {**timeline.frames.pop(), "ms": round((time.perf_counter() - t0) * 1000, 1)}
         except (JobError, ResultTimeout, *RETRY_LATER) as e:
-            await ws.send_json({"frame": index, "t": t, "error": client_detail(e), "status": http_status(e)})
-            index += 1
-            continue
-        faces = reply["faces"]
-        descriptors = np.array([f["identity"] for f in faces], np.float32).reshape(-1, 128)
-        timeline.add(index, t, [_face(f) for f in faces], descriptors)
-        frame = timeline.frames.pop()   # a live session keeps no history but the tracks'
-        await ws.send_json({**frame, "ms": round((time.perf_counter() - t0) * 1000, 1)})
+            answer = {"frame": index, "t": t, "error": client_detail(e), "status": http_status(e)}
         index += 1
+        try:
+            await ws.send_json(answer)
+        except (WebSocketDisconnect, RuntimeError):   # the client left while its frame was analysed
+            return
 
 
 def _face(f: dict[str, Any]) -> dict[str, Any]:

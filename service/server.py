@@ -250,7 +250,9 @@ def run(args: argparse.Namespace) -> int:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=10,
                 timeout_keep_alive=5, limit_concurrency=settings.max_connections,
-                http=header_deadline_protocol(settings.header_timeout_s))
+                http=header_deadline_protocol(settings.header_timeout_s),
+                # a live frame may be as large as an upload; a client may queue few frames
+                ws_max_size=settings.max_body_bytes + 1024, ws_max_queue=4)
     return 0
 
 

@@ -124,6 +124,8 @@ class Settings(BaseSettings):
                                    "answers 503 with Retry-After.")
     video_frames_in_flight: int = Field(8, ge=1, le=256, description="A video's sampled frames queued at once "
                                         "as jobs: enough to fill a batch, few enough to leave room to /predict.")
+    video_max_rows: int = Field(30_000, ge=1, description="Most result rows a video may make (sampled frames "
+                                "from the header x max_faces; 413 beyond): results are kept whole, in memory or Redis.")
     video_ttl_s: int = Field(3600, ge=1, description="How long a video's status and result stay available "
                              "to GET /videos/{video_id} after its last change (404 after).")
 

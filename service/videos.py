@@ -51,46 +51,59 @@ class VideoJobs:
         self.limits = VideoLimits(max_duration_s=settings.video_max_duration_s, max_side=settings.video_max_side)
         self.folder = Path(settings.video_dir) if settings.video_dir else None
         self._slots = asyncio.Semaphore(settings.video_max_active)
-        self._tasks: set[asyncio.Task] = set()
-        self._waiting = 0
+        self._tasks: dict[asyncio.Task, Path] = {}   # running or queued videos and their uploads
+        self._waiting = 0                             # slots taken: uploading, queued or running
 
-    def upload_path(self) -> tuple[str, Path]:
+    def reserve(self) -> tuple[str, Path]:
+        """A slot (503 when every one is taken) and a file for an upload, before its
+        body is read: concurrent uploads cannot fill the disk past the slots. Give it
+        back with `release` if the upload fails; `start` keeps it until the video ends."""
         import tempfile
+        if self._waiting >= self.settings.video_max_waiting + self.settings.video_max_active:
+            raise QueueFull(f"{self._waiting} videos are uploading, waiting or running")
+        self._waiting += 1
         folder = self.folder or Path(tempfile.gettempdir()) / "ipdfer-videos"
         folder.mkdir(parents=True, exist_ok=True)
         video_id = uuid.uuid4().hex
         return video_id, folder / f"{video_id}.video"
 
-    def busy(self) -> bool:
-        return self._waiting >= self.settings.video_max_waiting + self.settings.video_max_active
+    def release(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self._waiting -= 1
 
     async def start(self, video_id: str, path: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Check the header (raises model.video.decode.VideoError), record the video as
-        queued and start its task. The upload at `path` is deleted when the task ends."""
-        from model.video.decode import read_info
-        if self.busy():
-            path.unlink(missing_ok=True)
-            raise QueueFull(f"{self._waiting} videos are waiting or running")
+        queued and start its task, which deletes the upload and frees the slot when it
+        ends. On an error here the slot is freed and the upload deleted."""
+        from model.video.decode import VideoError, read_info
         try:
             info = await asyncio.to_thread(read_info, path, self.limits)
+            samples = info.expected_samples(1.0 / options["fps"])
+            rows = (samples or 0) * min(options["max_faces"], self.settings.max_faces)
+            if rows > self.settings.video_max_rows:
+                raise VideoError("video_too_large", f"{samples} sampled frames x {options['max_faces']} faces could "
+                                 f"make {rows:,} result rows; the limit is {self.settings.video_max_rows:,}: lower "
+                                 "fps or max_faces, or send a shorter video")
             now = time.time()
             record = {"video_id": video_id, "status": "queued", "created": now, "updated": now, "options": options,
-                      "progress": {"frames_done": 0, "frames_expected": info.expected_samples(1.0 / options["fps"])},
+                      "progress": {"frames_done": 0, "frames_expected": samples},
                       "video": info.__dict__, "error": None, "result": None}
             await self.backend.put_video(video_id, record)
         except BaseException:   # refused, or the store is down: nothing of the upload stays
-            path.unlink(missing_ok=True)
+            self.release(path)
             raise
-        self._waiting += 1
         task = asyncio.get_running_loop().create_task(self._run(record, path))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = path
+        task.add_done_callback(lambda t: self._tasks.pop(t, None))
         return record
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
+        tasks = dict(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for path in tasks.values():   # a task cancelled before its first step never ran its cleanup
+            path.unlink(missing_ok=True)
 
     async def _save(self, record: dict[str, Any], **changes: Any) -> None:
         record.update(changes, updated=time.time())
@@ -115,8 +128,7 @@ class VideoJobs:
             log.exception("video %s failed", record["video_id"])
             await self._save_failure(record, "failed", f"internal error: {type(e).__name__}")
         finally:
-            self._waiting -= 1
-            path.unlink(missing_ok=True)
+            self.release(path)
 
     async def _save_failure(self, record: dict[str, Any], kind: str, detail: str) -> None:
         try:
@@ -138,70 +150,110 @@ class VideoJobs:
 
     async def _analyze(self, record: dict[str, Any], path: Path) -> dict[str, Any]:
         from model.video.analyze import Timeline, VideoOptions
-        from model.video.decode import sample
+        from model.video.decode import VideoError, sample
         o = record["options"]
         options = VideoOptions(fps=o["fps"], smoothing_s=o["smoothing"],
                                max_faces=min(o["max_faces"], self.settings.max_faces))
         timeline, stats = Timeline(options), {}
         frames = sample(path, 1.0 / options.fps, self.limits, stats)
+        longest = self.settings.decode_max_side
 
-        def next_frame() -> tuple[int, float, bytes, int] | None:
+        def next_frame() -> tuple[int, float, bytes, int, float] | None:
+            """The next sampled frame as PNG, shrunk to decode_max_side as a worker would
+            (the PNG then stays within the job's byte limit), and the scale applied."""
             f = next(frames, None)
-            return None if f is None else (f.index, f.t, _png(f.rgb), f.rgb.shape[0] * f.rgb.shape[1])
+            if f is None:
+                return None
+            rgb, scale = _shrink(f.rgb, longest)
+            return f.index, f.t, _png(rgb), rgb.shape[0] * rgb.shape[1], scale
 
-        in_flight: deque[tuple[int, float, bytes, asyncio.Task]] = deque()
-        best: dict[int, tuple[float, int, bytes, list[float]]] = {}   # track -> (quality, frame, png, box)
+        in_flight: deque[tuple[int, float, bytes, float, asyncio.Task]] = deque()
+        best: dict[int, tuple[float, int, bytes, list[float], int]] = {}   # track -> quality, frame, crop, box, pixels
         last_save = time.monotonic()
 
         async def take_oldest() -> None:
             nonlocal last_save
-            index, t, png, task = in_flight.popleft()
+            index, t, png, scale, task = in_flight.popleft()
             try:
                 reply, error = await task, None
             except JobError as e:   # this frame only (e.g. it does not decode)
                 reply, error = {"faces": []}, e.detail
-            faces = reply["faces"]
-            descriptors = np.array([f["identity"] for f in faces], np.float32).reshape(-1, 128)
-            timeline.add(index, t, [{k: v for k, v in f.items() if k not in ("identity", "face_id", "neutral_png")}
-                                    for f in faces], descriptors, error)
+            faces = [{k: v for k, v in f.items() if k not in ("identity", "face_id", "neutral_png", "landmarks")}
+                     for f in reply["faces"]]
+            if scale != 1.0:   # back to the video's pixels
+                for f in faces:
+                    f["box"] = [round(v / scale, 2) for v in f["box"]]
+            descriptors = np.array([f["identity"] for f in reply["faces"]], np.float32).reshape(-1, 128)
+            timeline.add(index, t, faces, descriptors, error)
             if o.get("neutral"):
                 for row in timeline.frames[-1]["faces"]:
                     quality = _quality(row)
                     if row["track"] not in best or quality > best[row["track"]][0]:
-                        best[row["track"]] = (quality, index, png, row["box"])
+                        crop, box, pixels = await asyncio.to_thread(_face_crop, png, [v * scale for v in row["box"]])
+                        best[row["track"]] = (quality, index, crop, box, pixels)
             if time.monotonic() - last_save > PROGRESS_EVERY_S:
                 last_save = time.monotonic()
                 await self._save(record, progress={**record["progress"], "frames_done": len(timeline.frames)})
 
         try:
             while (item := await asyncio.to_thread(next_frame)) is not None:
-                index, t, png, pixels = item
-                in_flight.append((index, t, png, asyncio.ensure_future(self._frame(png, pixels, options.max_faces))))
-                while len(in_flight) >= self.settings.video_frames_in_flight or (in_flight and in_flight[0][3].done()):
+                index, t, png, pixels, scale = item
+                job = asyncio.ensure_future(self._frame(png, pixels, options.max_faces))
+                in_flight.append((index, t, png, scale, job))
+                while len(in_flight) >= self.settings.video_frames_in_flight or (in_flight and in_flight[0][4].done()):
                     await take_oldest()
             while in_flight:
                 await take_oldest()
         finally:
             for *_, task in in_flight:
                 task.cancel()
-            await asyncio.to_thread(frames.close)
+            try:
+                await asyncio.to_thread(frames.close)
+            except (ValueError, RuntimeError):   # cancelled while a frame was being decoded: it closes itself
+                pass
+        if timeline.frames and all("error" in f for f in timeline.frames):
+            raise VideoError("bad_video", f"no sampled frame could be analysed: {timeline.frames[0]['error']}")
         stats.pop("info", None)
         result = timeline.result(record["video"], {**stats, "options": options.__dict__}).to_dict()
         for track in result["tracks"]:
             if track["track"] in best:
-                _, index, png, box = best[track["track"]]
+                _, index, crop, box, pixels = best[track["track"]]
                 track["neutral_frame"] = index
-                track["neutral_png"] = await self._neutral(png, box, options.max_faces)
+                track["neutral_png"] = await self._neutral(crop, box, pixels, options.max_faces)
         return result
 
-    async def _neutral(self, png: bytes, box: list[float], max_faces: int) -> str | None:
-        """The neutral render (base64 PNG) of the face at `box` in a frame: the frame
-        again, with renders, and the face that overlaps the box most."""
-        reply = await self._frame(png, 0, max_faces, neutral=True)
+    async def _neutral(self, crop: bytes, box: list[float], pixels: int, max_faces: int) -> str | None:
+        """The neutral render (base64 PNG) of the face at `box` of a crop around it:
+        the crop analysed again with renders, and the face that overlaps the box most."""
+        reply = await self._frame(crop, pixels, max_faces, neutral=True)
         faces = [f for f in reply["faces"] if f.get("neutral_png")]
         if not faces:
             return None
         return max(faces, key=lambda f: _iou(f["box"], box))["neutral_png"]
+
+
+def _shrink(rgb: np.ndarray, longest: int) -> tuple[np.ndarray, float]:
+    import cv2
+    scale = min(1.0, longest / max(rgb.shape[:2]))
+    if scale == 1.0:
+        return rgb, 1.0
+    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), scale
+
+
+def _face_crop(png: bytes, box: list[float]) -> tuple[bytes, list[float], int]:
+    """A square around the box (twice its size: the detector needs context), as PNG,
+    with the box in the crop's pixels and the crop's pixel count. Kept per track for
+    the neutral render instead of the whole frame."""
+    import cv2
+    frame = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    x1, y1, x2, y2 = box
+    side = 2 * max(x2 - x1, y2 - y1)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    left, top = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
+    crop = frame[top:int(min(frame.shape[0], cy + side / 2)), left:int(min(frame.shape[1], cx + side / 2))]
+    ok, buf = cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    return buf.tobytes(), [x1 - left, y1 - top, x2 - left, y2 - top], crop.shape[0] * crop.shape[1]
 
 
 def _quality(row: dict[str, Any]) -> float:

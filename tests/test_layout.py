@@ -90,7 +90,12 @@ def test_model_never_imports_the_service_nor_its_frameworks():
 
 
 def test_the_api_edge_image_module_does_not_load_torch():
-    code = "import sys, service.images, model.images; print('torch' in sys.modules)"
+    """The Redis-mode API process (the app, its video coordinator and live sessions,
+    and the video decoding and tracking they use) never loads torch."""
+    code = ("import sys, service.images, model.images, service.server, service.videos, service.live, "
+            "model.video.analyze, model.video.decode, model.video.track; "
+            "service.server.create_app(service.settings.Settings(redis_url='redis://127.0.0.1:1/0')); "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import time
 
 import numpy as np
@@ -16,7 +17,7 @@ from model.labels import EXPRESSIONS
 from model.video.analyze import CSV_COLUMNS, VideoOptions, analyze_video
 from service.schemas import VideoOut
 from tests.test_service_api import app_client, run, settings
-from tests.test_video import broken_corpus, encode_clip, moving_face
+from tests.test_video import broken_corpus, close_up_face, encode_clip, moving_face
 
 
 async def wait_done(client, location: str, timeout: float = 180.0) -> dict:
@@ -83,9 +84,9 @@ def _png(size: int = 64) -> bytes:
     return buf.getvalue()
 
 
-def test_broken_or_too_large_videos_are_refused_at_upload_and_the_service_stays_up(service_pipeline):
+def test_broken_or_too_large_videos_are_refused_at_upload_and_the_service_stays_up(service_pipeline, tmp_path):
     clip = encode_clip(moving_face(50))   # 2 s
-    s = settings(video_max_duration_s=1.0, video_max_mb=0.5)
+    s = settings(video_max_duration_s=1.0, video_max_mb=0.5, video_dir=tmp_path, video_max_rows=100)
 
     async def go():
         async with app_client(s, [service_pipeline]) as c:
@@ -99,6 +100,7 @@ def test_broken_or_too_large_videos_are_refused_at_upload_and_the_service_stays_
             answers["text body"] = await c.post("/videos", content=b"x", headers={"content-type": "text/plain"})
             answers["multipart without file"] = await c.post("/videos", data={"a": "b"}, files={})
             answers["fps 0"] = await c.post("/videos?fps=0", content=clip)
+            answers["too many rows"] = await c.post("/videos?fps=30&max_faces=8", content=encode_clip(moving_face(24)))
             answers["unknown option"] = await c.post("/videos?colour=1", content=clip)
             unknown = await c.get("/videos/" + "0" * 32)
             bad_id = await c.get("/videos/not-an-id")
@@ -117,6 +119,8 @@ def test_broken_or_too_large_videos_are_refused_at_upload_and_the_service_stays_
     assert statuses["too long"] == 413 and "limit is 1 s" in answers["too long"].json()["detail"]
     assert statuses["too many bytes"] == 413 and statuses["text body"] == 415
     assert statuses["fps 0"] == 422 and statuses["unknown option"] == 422
+    assert statuses["too many rows"] == 413 and "result rows" in answers["too many rows"].json()["detail"]
+    assert not list(tmp_path.iterdir())   # no refused upload left a file, the analysed one is deleted
     assert unknown.status_code == 404 and bad_id.status_code == 422
     assert ok["status"] == "done" and len(ok["result"]["frames"]) == 3
 
@@ -188,16 +192,23 @@ def test_live_frames_get_tracked_smoothed_faces_and_a_bad_frame_fails_alone(serv
     frames = moving_face(30)[::5]
     with TestClient(app) as client:
         replies = []
-        with client.websocket_connect("/live?smoothing=0.5&key=sesame") as ws:
+        with client.websocket_connect("/live?smoothing=0.5") as ws:
+            ws.send_text(json.dumps({"key": "sesame"}))   # the key in a first message, as the page sends it
             for k, rgb in enumerate(frames):
                 ws.send_bytes(_jpeg(rgb) if k != 3 else b"\xff\xd8 not a jpeg")
                 replies.append(ws.receive_json())
-        with pytest.raises(Exception) as refused:   # wrong key: closed before accepting
-            with client.websocket_connect("/live?key=wrong") as ws:
-                ws.receive_json()
+        closes = {}
+        with client.websocket_connect("/live") as ws:     # no key: refused at the first frame
+            ws.send_bytes(_jpeg(frames[0]))
+            closes["no key"] = ws.receive()
+        with client.websocket_connect("/live") as ws:
+            ws.send_text(json.dumps({"key": "wrong"}))
+            closes["wrong key"] = ws.receive()
         with client.websocket_connect("/live", headers={"X-API-Key": "sesame"}) as ws:
+            ws.send_bytes(_jpeg(frames[0]))
+            by_header = ws.receive_json()
             ws.send_text("hello")
-            closed = ws.receive()
+            closes["text"] = ws.receive()
     assert [r["frame"] for r in replies] == list(range(len(frames)))
     assert replies[3]["status"] == 400 and "error" in replies[3] and "faces" not in replies[3]
     good = [r for k, r in enumerate(replies) if k != 3]
@@ -211,5 +222,40 @@ def test_live_frames_get_tracked_smoothed_faces_and_a_bad_frame_fails_alone(serv
     # a track's first frame has nothing to smooth with: smoothed = raw
     first = good[0]["faces"][0]
     assert first["smoothed"] == pytest.approx(first["probabilities"], abs=1e-4)
-    assert "1008" in str(refused.value) or getattr(refused.value, "code", None) == 1008
-    assert closed["type"] == "websocket.close" and closed["code"] == 1003
+    assert len(by_header["faces"]) == 1
+    assert {k: (c["type"], c["code"]) for k, c in closes.items()} == {
+        "no key": ("websocket.close", 1008), "wrong key": ("websocket.close", 1008), "text": ("websocket.close", 1003)}
+    assert "missing API key" in closes["no key"]["reason"]
+
+
+def test_videos_need_the_api_key_when_one_is_set(service_pipeline):
+    clip = encode_clip(moving_face(12))
+
+    async def go():
+        async with app_client(settings(api_key="sesame"), [service_pipeline]) as c:
+            refused = await c.post("/videos", content=clip)
+            ok = await c.post("/videos", content=clip, headers={"X-API-Key": "sesame"})
+            status_refused = await c.get(ok.headers["location"])
+            return refused, ok, status_refused
+
+    refused, ok, status_refused = run(go())
+    assert refused.status_code == 401 and status_refused.status_code == 401 and ok.status_code == 202
+
+
+def test_a_video_larger_than_the_decode_limit_is_shrunk_and_answered_in_its_own_pixels(service_pipeline):
+    """Frames over IPDFER_DECODE_MAX_SIDE are shrunk before they become jobs (a worker
+    would shrink them anyway); the boxes come back in the video's pixels."""
+    clip = encode_clip(close_up_face(20))   # 480 x 320, a 200 px face close-up
+    expected = analyze_video(service_pipeline.analyzer, clip, VideoOptions(fps=5.0))
+
+    async def go():
+        async with app_client(settings(decode_max_side=320), [service_pipeline]) as c:
+            r = await c.post("/videos?neutral=true", content=clip)
+            return await wait_done(c, r.headers["location"])
+
+    body = run(go())
+    assert body["status"] == "done", body
+    for got, want in zip(body["result"]["frames"], expected.frames):
+        (g,), (w,) = got["faces"], want["faces"]
+        assert np.abs(np.array(g["box"]) - np.array(w["box"])).max() < 8, (g["box"], w["box"])
+    assert body["result"]["tracks"][0]["neutral_png"]

@@ -49,6 +49,19 @@ def moving_face(n: int = 50, size: tuple[int, int] = (240, 360), step: int = 3) 
     return frames
 
 
+def close_up_face(n: int = 100) -> list[np.ndarray]:
+    """A close-up of the astronaut's face (200 px) drifting right and back (the
+    camera loops the clip) over a grey 480 x 320 background, 2 px a frame."""
+    face = np.asarray(Image.fromarray(astronaut()[20:276, 120:376]).resize((200, 200)))
+    frames = []
+    for k in range(n):
+        x = 40 + 2 * min(k, n - k)
+        img = np.full((320, 480, 3), 70, np.uint8)
+        img[60:260, x:x + 200] = face
+        frames.append(img)
+    return frames
+
+
 @pytest.fixture(scope="module")
 def analyzer():
     return Analyzer.load(device="cpu", precision="fp32")
@@ -143,6 +156,16 @@ def test_two_people_crossing_keep_their_ids_and_a_returning_person_gets_theirs_b
     ids = tracker.update(9.0, np.array([[300, 40, 360, 100], [20, 40, 80, 100]], float),
                          np.stack([alice + rng.normal(size=128) * 0.01, carol]))
     assert ids == [1, 3]
+
+
+def test_a_live_tracker_forgets_people_gone_for_long_and_never_reuses_an_id():
+    tracker = Tracker(forget_after_s=10.0)
+    box = np.array([[10, 10, 60, 60]], float)
+    assert tracker.update(0.0, box) == [1]
+    assert tracker.forget(0.5) == [] and tracker.update(0.5, box) == [1]
+    assert tracker.forget(20.0) == [1] and not tracker.tracks
+    assert tracker.update(20.0, box) == [2]
+    assert Tracker().forget(1e9) == []   # a video's tracker keeps everyone
 
 
 def test_without_descriptors_overlap_alone_decides():

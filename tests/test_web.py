@@ -80,26 +80,13 @@ def web_url(tmp_path_factory):
         terminate(proc)
 
 
-def camera_frames(n: int = 100) -> list[np.ndarray]:
-    """A close-up of the astronaut's face (200 px) drifting right and back (the
-    camera loops the clip) over a grey 480 x 320 background, 2 px a frame."""
-    from PIL import Image
-    face = np.asarray(Image.fromarray(astronaut()[20:276, 120:376]).resize((200, 200)))
-    frames = []
-    for k in range(n):
-        x = 40 + 2 * min(k, n - k)
-        img = np.full((320, 480, 3), 70, np.uint8)
-        img[60:260, x:x + 200] = face
-        frames.append(img)
-    return frames
-
-
 def fake_camera(path: Path) -> Path:
     """The frames as a Y4M clip (Chromium's fake camera format), played in a loop as the webcam."""
     import av
     out = av.open(str(path), "w", format="yuv4mpegpipe")
     stream = out.add_stream("rawvideo", rate=25)
-    frames = camera_frames()
+    from tests.test_video import close_up_face
+    frames = close_up_face()
     stream.height, stream.width = frames[0].shape[:2]
     stream.pix_fmt = "yuv420p"
     for f in frames:
@@ -292,7 +279,7 @@ def test_live_camera_tracks_the_face_and_draws_its_smoothed_bars(page):
     boxes = json.loads(pg.get_attribute("#live-overlay", "data-boxes"))
     assert [b["track"] for b in boxes] == [1], boxes   # one face, one track across the frames
     x1, y1, x2, y2 = boxes[0]["box"]
-    assert 60 <= y1 < y2 <= 260 and 50 < x2 - x1 < 160   # the face of the 200 px close-up (camera_frames)
+    assert 60 <= y1 < y2 <= 260 and 50 < x2 - x1 < 160   # the face of the 200 px close-up (close_up_face)
     bars = pg.query_selector_all("#live-faces .face[data-track='1'] .bar")
     assert [b.get_attribute("data-label") for b in bars] == list(EXPRESSIONS)
     assert sum(float(b.get_attribute("data-p")) for b in bars) == pytest.approx(1.0, abs=1e-3)

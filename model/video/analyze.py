@@ -71,12 +71,14 @@ class Timeline:
     """Sampled frames in time order -> tracked, smoothed rows. A face is the dict
     POST /predict answers (box, score, expression {label, probabilities}, pose)."""
 
-    def __init__(self, options: VideoOptions) -> None:
-        self.tracker, self.smoother = Tracker(), Smoother(options.smoothing_s)
+    def __init__(self, options: VideoOptions, forget_after_s: float | None = None) -> None:
+        self.tracker, self.smoother = Tracker(forget_after_s=forget_after_s), Smoother(options.smoothing_s)
         self.frames: list[dict] = []
 
     def add(self, index: int, t: float, faces: list[dict[str, Any]], descriptors: np.ndarray | None,
             error: str | None = None) -> None:
+        for gone in self.tracker.forget(t):
+            self.smoother.state.pop(gone, None)
         boxes = np.array([f["box"] for f in faces], float).reshape(-1, 4)
         ids = self.tracker.update(t, boxes, descriptors if faces else None)
         rows = []

@@ -38,17 +38,38 @@ class Track:
     box: np.ndarray
     last_t: float
     descriptors: list[np.ndarray] = field(default_factory=list)
+    _mean: np.ndarray | None = None
+
+    def add(self, descriptor: np.ndarray, keep: int) -> None:
+        self.descriptors = (self.descriptors + [descriptor])[-keep:]
+        self._mean = None
 
     def identity(self) -> np.ndarray | None:
-        return np.mean(self.descriptors, axis=0) if self.descriptors else None
+        if self._mean is None and self.descriptors:
+            self._mean = np.mean(self.descriptors, axis=0)
+        return self._mean
 
 
 class Tracker:
+    """`forget_after_s`: tracks unseen this long are dropped (a live camera that runs
+    for hours; a video keeps every track so a person can come back at any time)."""
+
     def __init__(self, min_iou: float = 0.2, max_gap_s: float = 1.0, same_person: float = 0.6,
-                 reidentify: float = 0.5, max_descriptors: int = 20) -> None:
+                 reidentify: float = 0.5, max_descriptors: int = 20, forget_after_s: float | None = None) -> None:
         self.min_iou, self.max_gap_s = min_iou, max_gap_s
         self.same_person, self.reidentify, self.max_descriptors = same_person, reidentify, max_descriptors
+        self.forget_after_s = forget_after_s
         self.tracks: dict[int, Track] = {}
+        self._next_id = 1
+
+    def forget(self, t: float) -> list[int]:
+        """Drop the tracks unseen for `forget_after_s`; their ids (never given again)."""
+        if self.forget_after_s is None:
+            return []
+        gone = [i for i, tr in self.tracks.items() if t - tr.last_t > self.forget_after_s]
+        for i in gone:
+            del self.tracks[i]
+        return gone
 
     def update(self, t: float, boxes: np.ndarray, descriptors: np.ndarray | None = None) -> list[int]:
         """Track ids for this frame's faces (in the order given)."""
@@ -82,11 +103,11 @@ class Tracker:
                         best, best_d = tr.id, d
                 ids[k] = best
             if ids[k] is None:
-                ids[k] = len(self.tracks) + 1
+                ids[k], self._next_id = self._next_id, self._next_id + 1
                 self.tracks[ids[k]] = Track(ids[k], boxes[k], t)
             taken.add(ids[k])
             tr = self.tracks[ids[k]]
             tr.box, tr.last_t = boxes[k], t
             if descriptors is not None:
-                tr.descriptors = (tr.descriptors + [descriptors[k]])[-self.max_descriptors:]
+                tr.add(descriptors[k], self.max_descriptors)
         return [int(i) for i in ids]

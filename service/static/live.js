@@ -21,7 +21,6 @@ const live = {
 function liveUrl() {
   const u = new URL("live", location.href);
   u.protocol = u.protocol === "https:" ? "wss:" : "ws:";
-  if (els.key.value) u.searchParams.set("key", els.key.value);
   return u.href;
 }
 
@@ -34,12 +33,18 @@ live.start.addEventListener("click", () => {
   live.answered = live.dropped = 0;
   live.busy = false;
   document.body.dataset.live = "on";
-  live.ws = new WebSocket(liveUrl());
-  live.ws.binaryType = "arraybuffer";
-  live.ws.onopen = () => { live.meta.textContent = "live"; tick(); };
-  live.ws.onmessage = (e) => showLive(JSON.parse(e.data));
-  live.ws.onclose = (e) => {
-    if (document.body.dataset.live === "on") {
+  const ws = new WebSocket(liveUrl());
+  live.ws = ws;
+  ws.binaryType = "arraybuffer";
+  // The key goes in the first message, not the URL (servers log URLs).
+  ws.onopen = () => {
+    if (els.key.value) ws.send(JSON.stringify({ key: els.key.value }));
+    live.meta.textContent = "live";
+    tick();
+  };
+  ws.onmessage = (e) => { if (live.ws === ws) showLive(JSON.parse(e.data)); };
+  ws.onclose = (e) => {
+    if (live.ws === ws && document.body.dataset.live === "on") {  // not a session already stopped
       showError(`The live connection closed${e.reason ? `: ${e.reason}` : ""}.`);
       stopLive();
     }
@@ -62,6 +67,7 @@ function tick() {
   live.busy = true;
   live.size = [c.width, c.height];
   c.toBlob(async (blob) => {
+    if (!blob) { live.busy = false; return; }   // the frame could not be encoded: offer the next one
     if (live.ws && live.ws.readyState === WebSocket.OPEN) live.ws.send(await blob.arrayBuffer());
   }, "image/jpeg", 0.85);
 }
@@ -73,6 +79,7 @@ function showLive(msg) {
   live.meta.dataset.dropped = String(live.dropped);
   if (msg.error) {
     live.meta.textContent = `frame ${msg.frame}: ${msg.error}`;
+    drawLiveBoxes([]);   // no stale boxes over a frame that was not analysed
     return;
   }
   const faces = msg.faces || [];
@@ -135,8 +142,9 @@ function trackCard(f) {
 function stopLive() {
   document.body.dataset.live = "off";
   clearTimeout(live.timer);
-  if (live.ws) live.ws.close();
-  live.ws = null;
+  const ws = live.ws;
+  live.ws = null;   // its late events are ignored (they check live.ws)
+  if (ws) ws.close();
   live.video.srcObject = null;
   live.panel.hidden = true;
   stopCamera();
