@@ -81,20 +81,9 @@ def web_url(tmp_path_factory):
 
 
 def fake_camera(path: Path) -> Path:
-    """The frames as a Y4M clip (Chromium's fake camera format), played in a loop as the webcam."""
-    import av
-    out = av.open(str(path), "w", format="yuv4mpegpipe")
-    stream = out.add_stream("rawvideo", rate=25)
-    from tests.test_video import close_up_face
-    frames = close_up_face()
-    stream.height, stream.width = frames[0].shape[:2]
-    stream.pix_fmt = "yuv420p"
-    for f in frames:
-        for p in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-            out.mux(p)
-    for p in stream.encode():
-        out.mux(p)
-    out.close()
+    """A clip of a face as a Y4M file (Chromium's fake camera format), played in a loop as the webcam."""
+    from tests.test_video import close_up_face, encode_clip
+    path.write_bytes(encode_clip(close_up_face(), codec="rawvideo", fmt="yuv4mpegpipe"))
     return path
 
 

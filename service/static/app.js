@@ -280,18 +280,7 @@ function faceCard(face, i) {
   const bars = node.querySelector(".bars");
   const names = EXPRESSIONS.filter((k) => k in e.probabilities)
     .concat(Object.keys(e.probabilities).filter((k) => !EXPRESSIONS.includes(k)));
-  for (const name of names) {
-    const p = e.probabilities[name];
-    const li = document.createElement("li");
-    li.className = "bar" + (name === e.label ? " best" : "");
-    li.dataset.label = name;
-    li.dataset.p = String(p);
-    li.innerHTML = `<span class="name"></span><span class="track"><span class="fill"></span></span><span class="value"></span>`;
-    li.querySelector(".name").textContent = name;
-    li.querySelector(".fill").style.width = `${(100 * p).toFixed(1)}%`;
-    li.querySelector(".value").textContent = pct(p);
-    bars.append(li);
-  }
+  for (const name of names) bars.append(bar(name, e.probabilities[name], name === e.label));
 
   const { yaw, pitch, roll } = face.pose;
   for (const [k, v] of Object.entries({ yaw, pitch, roll })) {
@@ -310,6 +299,19 @@ function faceCard(face, i) {
   node.addEventListener("mouseenter", () => { state.highlight = i; drawOverlay(); });
   node.addEventListener("mouseleave", () => { state.highlight = -1; drawOverlay(); });
   return node;
+}
+
+// One expression's probability as a labelled bar (also live.js's).
+function bar(name, p, best) {
+  const li = document.createElement("li");
+  li.className = "bar" + (best ? " best" : "");
+  li.dataset.label = name;
+  li.dataset.p = String(p);
+  li.innerHTML = `<span class="name"></span><span class="track"><span class="fill"></span></span><span class="value"></span>`;
+  li.querySelector(".name").textContent = name;
+  li.querySelector(".fill").style.width = `${(100 * p).toFixed(1)}%`;
+  li.querySelector(".value").textContent = pct(p);
+  return li;
 }
 
 // The face as it is in the photo, cut out square around its box.

@@ -124,18 +124,7 @@ function trackCard(f) {
   li.querySelector(".face-title").textContent = `Person ${f.track}`;
   li.querySelector(".label").textContent = `${f.smoothed_label} ${pct(f.smoothed[f.smoothed_label])}`;
   const bars = li.querySelector(".bars");
-  for (const name of EXPRESSIONS) {
-    const p = f.smoothed[name];
-    const bar = document.createElement("li");
-    bar.className = "bar" + (name === f.smoothed_label ? " best" : "");
-    bar.dataset.label = name;
-    bar.dataset.p = String(p);
-    bar.innerHTML = `<span class="name"></span><span class="track"><span class="fill"></span></span><span class="value"></span>`;
-    bar.querySelector(".name").textContent = name;
-    bar.querySelector(".fill").style.width = `${(100 * p).toFixed(1)}%`;
-    bar.querySelector(".value").textContent = pct(p);
-    bars.append(bar);
-  }
+  for (const name of EXPRESSIONS) bars.append(bar(name, f.smoothed[name], name === f.smoothed_label));
   return li;
 }
 
