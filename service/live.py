@@ -20,9 +20,6 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from typing import Any
-
-import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 
 from service.backend import Backend
@@ -85,9 +82,7 @@ async def session(ws: WebSocket, settings: Settings, backend: Backend, smoothing
                                      min_side=settings.min_image_side)
             reply = await backend.analyze(data, aligned=False, max_faces=max_faces, neutral=False,
                                           pixels=width * height, identity=True, keep=False)
-            faces = reply["faces"]
-            descriptors = np.array([f["identity"] for f in faces], np.float32).reshape(-1, 128)
-            timeline.add(index, t, [_face(f) for f in faces], descriptors)
+            timeline.add_served(index, t, reply["faces"])
             answer = {**timeline.frames.pop(), "ms": round((time.perf_counter() - t0) * 1000, 1)}
         except (JobError, ResultTimeout, *RETRY_LATER) as e:
             answer = {"frame": index, "t": t, "error": client_detail(e), "status": http_status(e)}
@@ -96,7 +91,3 @@ async def session(ws: WebSocket, settings: Settings, backend: Backend, smoothing
             await ws.send_json(answer)
         except (WebSocketDisconnect, RuntimeError):   # the client left while its frame was analysed
             return
-
-
-def _face(f: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in f.items() if k not in ("identity", "face_id", "neutral_png")}

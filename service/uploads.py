@@ -46,11 +46,29 @@ def _refuse_declared_length(request: Request, limit: int, name: str = "limit") -
         raise HTTPException(413, f"request body is {int(length):,} bytes; the {name} is {limit:,}")
 
 
-async def _parse_multipart(request: Request, settings: Settings, limit: int, max_files: int,
+def _is_raw_body(media: str, kind: str) -> bool:
+    """A body type that only says "raw bytes" (the bytes decide what they are): none,
+    octet-stream, `kind`/* (image, video), or curl --data-binary's default form type."""
+    return media in ("", "application/octet-stream", "application/x-www-form-urlencoded") \
+        or media.startswith(f"{kind}/")
+
+
+def _file_part(form: FormData, what: str) -> UploadFile:
+    """The field `file` of a one-file multipart form, else its only file part (400 without one)."""
+    if isinstance(form.get("file"), UploadFile):
+        return form["file"]
+    uploads = [v for v in form.values() if isinstance(v, UploadFile)]
+    if not uploads:
+        raise HTTPException(400, f"the multipart body has no file; send the {what} in the field 'file'")
+    return uploads[0]
+
+
+async def _parse_multipart(request: Request, limit: int, timeout: float, max_files: int,
                            too_many: HTTPException | None = None) -> FormData:
-    """The parsed form of a multipart body read within `limit` bytes; `too_many`
-    answers a body of more than `max_files` files (else 400, as any malformed body)."""
-    parser = MultiPartParser(request.headers, _limited(request, limit, settings.body_timeout_s),
+    """The parsed form of a multipart body read within `limit` bytes and `timeout`
+    seconds; `too_many` answers a body of more than `max_files` files (else 400, as
+    any malformed body)."""
+    parser = MultiPartParser(request.headers, _limited(request, limit, timeout),
                              max_files=max_files, max_fields=16, max_part_size=64 * 1024)
     try:
         return await parser.parse()
@@ -66,20 +84,12 @@ async def read_upload(request: Request, settings: Settings) -> bytes:
     _refuse_declared_length(request, limit)
     media = _media_type(request)
     if media == "multipart/form-data":
-        form = await _parse_multipart(request, settings, limit, max_files=1)
+        form = await _parse_multipart(request, limit, settings.body_timeout_s, max_files=1)
         try:
-            uploads = [v for v in form.values() if isinstance(v, UploadFile)]
-            upload = form.get("file") if isinstance(form.get("file"), UploadFile) else \
-                (uploads[0] if uploads else None)
-            if upload is None:
-                raise HTTPException(400, "the multipart body has no file; send the image in the field 'file'")
-            return await upload.read()
+            return await _file_part(form, "image").read()
         finally:
             await form.close()
-    # the bytes decide what the image is; these types only say "raw body". curl's
-    # --data-binary sends application/x-www-form-urlencoded unless told otherwise.
-    if media in ("", "application/octet-stream", "application/x-www-form-urlencoded") \
-            or media.startswith("image/"):
+    if _is_raw_body(media, "image"):
         return b"".join([chunk async for chunk in _limited(request, limit, settings.body_timeout_s)])
     raise HTTPException(415, f"unsupported body type {media!r}: send the image as multipart/form-data "
                              "(field 'file') or as a raw image/* or application/octet-stream body")
@@ -93,7 +103,7 @@ async def read_uploads(request: Request, settings: Settings) -> list[tuple[str |
     if media != "multipart/form-data":
         raise HTTPException(415, f"unsupported body type {media!r}: send the images as multipart/form-data, "
                                  "one file part each")
-    form = await _parse_multipart(request, settings, limit, max_files=most, too_many=HTTPException(
+    form = await _parse_multipart(request, limit, settings.body_timeout_s, max_files=most, too_many=HTTPException(
         413, f"more than {most} images in one batch: send at most {most} (IPDFER_BATCH_MAX_IMAGES)"))
     try:
         uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
@@ -112,24 +122,15 @@ async def save_video_upload(request: Request, settings: Settings, path: Path) ->
     media, size = _media_type(request), 0
     with open(path, "wb") as out:
         if media == "multipart/form-data":
-            parser = MultiPartParser(request.headers, _limited(request, limit, timeout), max_files=1,
-                                     max_fields=16, max_part_size=64 * 1024)
+            form = await _parse_multipart(request, limit, timeout, max_files=1)
             try:
-                form = await parser.parse()
-            except MultiPartException as e:
-                raise HTTPException(400, f"malformed multipart body: {e.message}") from None
-            try:
-                uploads = [v for v in form.values() if isinstance(v, UploadFile)]
-                if not uploads:
-                    raise HTTPException(400, "the multipart body has no file; send the video in the field 'file'")
-                upload = form.get("file") if isinstance(form.get("file"), UploadFile) else uploads[0]
+                upload = _file_part(form, "video")
                 while chunk := await upload.read(1 << 20):
                     out.write(chunk)
                     size += len(chunk)
             finally:
                 await form.close()
-        elif media in ("", "application/octet-stream", "application/x-www-form-urlencoded") \
-                or media.startswith("video/"):
+        elif _is_raw_body(media, "video"):
             async for chunk in _limited(request, limit, timeout):
                 out.write(chunk)
                 size += len(chunk)

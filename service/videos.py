@@ -178,13 +178,10 @@ class VideoJobs:
                 reply, error = await task, None
             except JobError as e:   # this frame only (e.g. it does not decode)
                 reply, error = {"faces": []}, e.detail
-            faces = [{k: v for k, v in f.items() if k not in ("identity", "face_id", "neutral_png", "landmarks")}
-                     for f in reply["faces"]]
+            faces = reply["faces"]
             if scale != 1.0:   # back to the video's pixels
-                for f in faces:
-                    f["box"] = [round(v / scale, 2) for v in f["box"]]
-            descriptors = np.array([f["identity"] for f in reply["faces"]], np.float32).reshape(-1, 128)
-            timeline.add(index, t, faces, descriptors, error)
+                faces = [{**f, "box": [round(v / scale, 2) for v in f["box"]]} for f in faces]
+            timeline.add_served(index, t, faces, error)
             if o.get("neutral"):
                 for row in timeline.frames[-1]["faces"]:
                     quality = _quality(row)

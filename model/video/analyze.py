@@ -69,7 +69,8 @@ def summarize(frames: list[dict]) -> list[dict]:
 
 class Timeline:
     """Sampled frames in time order -> tracked, smoothed rows. A face is the dict
-    POST /predict answers (box, score, expression {label, probabilities}, pose)."""
+    POST /predict answers (box, score, expression {label, probabilities}, pose);
+    a row copies only those, so other keys of a face need no removing."""
 
     def __init__(self, options: VideoOptions, forget_after_s: float | None = None) -> None:
         self.tracker, self.smoother = Tracker(forget_after_s=forget_after_s), Smoother(options.smoothing_s)
@@ -90,6 +91,12 @@ class Timeline:
                          "smoothed": {c: round(float(p), 5) for c, p in zip(EXPRESSIONS, smooth)},
                          "smoothed_label": _label(smooth)})
         self.frames.append({"frame": index, "t": t, "faces": rows, **({"error": error} if error else {})})
+
+    def add_served(self, index: int, t: float, faces: list[dict[str, Any]], error: str | None = None) -> None:
+        """`add` for faces as the service's analyze replies carry them: each with its
+        identity descriptor (asked for with the job's `identity`) under "identity"."""
+        descriptors = np.array([f["identity"] for f in faces], np.float32).reshape(-1, 128)
+        self.add(index, t, faces, descriptors, error)
 
     def result(self, info: dict, stats: dict) -> VideoResult:
         return VideoResult(info=info, frames=self.frames, tracks=summarize(self.frames), stats=stats)
